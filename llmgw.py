@@ -1652,7 +1652,16 @@ class KeyCache:
         return True
 
     def lookup(self, secret: str) -> VirtualKey | None:
-        return self.by_hash.get(hash_secret(secret))
+        digest = hash_secret(secret)
+        key = self.by_hash.get(digest)
+        if key is None:
+            # a key created a moment ago by another process
+            try:
+                if self.refresh():
+                    key = self.by_hash.get(digest)
+            except sqlite3.Error as e:
+                log.warning("cannot read keys from the database: %s", e)
+        return key
 
 
 class KeyState:
@@ -2644,8 +2653,8 @@ class ProxyMixin:
                                    "is not JSON" % provider.name) from None
             ex.usage = usage_from_body(obj, ex.route.kind,
                                        provider.anthropic)
-        self.finish_exchange(ex)
         ex.first_byte()
+        self.finish_exchange(ex)
         headers = self.response_headers(resp)
         try:
             self.send_bytes(resp.status, headers, body, ex.req)
@@ -2755,8 +2764,8 @@ class ProxyMixin:
         if not meter.done and ex.error is None:
             ex.error = "upstream_truncated"
         rest = meter.rest()
-        self.finish_exchange(ex)
         ex.first_byte()
+        self.finish_exchange(ex)
         self.write_client(pending + self.frame(rest, chunked) +
                           (b"0\r\n\r\n" if chunked else b""))
 
