@@ -1726,6 +1726,12 @@ class KeyState:
         self.reserved = 0.0
 
 
+def usd(amount: float) -> str:
+    """Dollars for a message: cents, or enough digits for tiny amounts."""
+    return "%.2f" % amount if amount >= 0.1 or amount == 0 else \
+        "%.6g" % amount
+
+
 def retry_headers(seconds: float) -> dict:
     seconds = max(seconds, 0.001)
     return {"Retry-After": str(int(math.ceil(seconds))),
@@ -1836,8 +1842,9 @@ class Limiter:
             period, "total")
         return GatewayError(
             402, "budget_exceeded",
-            "this key has spent $%.4f of its %s budget of $%.2f; %s"
-            % (state.spent + state.reserved, label, key.budget_usd, when),
+            "this key has spent $%s of its %s budget of $%s; %s"
+            % (usd(state.spent + state.reserved), label,
+               usd(key.budget_usd), when),
             headers={"x-should-retry": "false"})
 
     def _load_spend(self, key: VirtualKey) -> None:
@@ -2003,8 +2010,8 @@ class Request:
     """One parsed request, before routing."""
 
     __slots__ = ("method", "target", "version", "headers", "lengths",
-                 "path", "query", "body", "keep_alive", "client",
-                 "started", "id")
+                 "path", "query", "body", "body_read", "keep_alive",
+                 "client", "started", "id")
 
     def __init__(self, method, target, version, headers, lengths, client,
                  started, request_id):
@@ -2018,6 +2025,8 @@ class Request:
         self.id = request_id
         self.path = self.query = ""
         self.body = b""
+        self.body_read = lengths in ([], ["0"]) and \
+            "transfer-encoding" not in headers
         conn = headers.get("connection", "").lower()
         if version == "HTTP/1.1":
             self.keep_alive = "close" not in conn
@@ -2114,6 +2123,8 @@ class ConnectionHandler(BaseHTTPRequestHandler):
                 return
             self.dispatch(req)
         except GatewayError as err:
+            if req is not None and not req.body_read:
+                err.close = True  # its unread body must not be parsed
             self.send_gateway_error(err, req, self.anthropic_errors)
         finally:
             if self.status:
@@ -2207,6 +2218,7 @@ class ConnectionHandler(BaseHTTPRequestHandler):
         """Read the body within max_body_bytes and the body deadline."""
         headers = req.headers
         te = headers.get("transfer-encoding")
+        req.body_read = True  # from here on, or the connection is closed
         limit = self.limits["max_body_bytes"]
         if te is not None and req.lengths:
             raise GatewayError(400, "invalid_request", "a request may not "
@@ -2469,9 +2481,10 @@ class ProxyMixin:
             raise GatewayError(
                 401, "invalid_api_key",
                 "unknown virtual key: send the key the gateway's operator "
-                "gave you (sk-gw-...) as Authorization: Bearer"
-                if secret else "no virtual key: send it as Authorization: "
-                "Bearer sk-gw-...", headers={"x-should-retry": "false"})
+                "gave you (sk-gw-...) as the API key" if secret else
+                "no virtual key: send it as the API key (Authorization: "
+                "Bearer sk-gw-... or x-api-key: sk-gw-...)",
+                headers={"x-should-retry": "false"})
         ex = Exchange(req, route, key)
         self.exchange = ex
         try:
