@@ -61,6 +61,7 @@ import math
 import os
 import re
 import secrets
+import select
 import signal
 import socket
 import sqlite3
@@ -1293,7 +1294,9 @@ CLIENT_KEY_HEADERS = ("authorization", "x-api-key", "api-key",
 MODEL_PATHS = frozenset(("/chat/completions", "/completions", "/responses",
                          "/embeddings", "/messages",
                          "/messages/count_tokens"))
-_BAD_PATH = re.compile(r"%2f|%5c|\\|%2e|[\x00-\x20\x7f]", re.I)
+# encoded slashes, backslashes, dots and control characters, raw or encoded
+_BAD_PATH = re.compile(
+    r"%2f|%5c|\\|%2e|%[01][0-9a-f]|%7f|[\x00-\x20\x7f]", re.I)
 
 
 class Usage:
@@ -1611,8 +1614,12 @@ def choose_provider(config: Config, route: Route, model: str | None) -> str:
 
 def upstream_headers(headers: dict, provider: Provider, real_key) -> dict:
     """The headers a provider gets: an allowlist plus its own auth."""
+    # RFC 9110, 7.6.1: headers named in Connection are hop-by-hop too
+    listed = headers.get("connection", "").lower()
+    listed = {n.strip() for n in listed.split(",")} if listed else ()
     out = {name: value for name, value in headers.items()
-           if name in FORWARD_HEADERS or name.startswith(FORWARD_PREFIXES)}
+           if (name in FORWARD_HEADERS or name.startswith(FORWARD_PREFIXES))
+           and name not in listed}
     if provider.anthropic:
         if real_key:
             out["x-api-key"] = real_key
@@ -1937,6 +1944,23 @@ STALE_CONNECTION_ERRORS = (http.client.RemoteDisconnected,
                            ConnectionAbortedError)
 
 
+def alive(conn) -> bool:
+    """False when an idle connection was closed by the provider.
+
+    An idle keep-alive connection has nothing to read; if it is readable,
+    the provider has closed it (or sent something unasked) and a request
+    sent on it would fail or, worse, be half-processed.
+    """
+    sock = conn.sock
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return not readable
+
+
 class UpstreamPool:
     """Idle http.client connections per (scheme, host, port)."""
 
@@ -1958,7 +1982,7 @@ class UpstreamPool:
             conns = self.idle.get(origin)
             while conns:
                 conn, since = conns.pop()
-                if now - since < self.MAX_IDLE_AGE_S:
+                if now - since < self.MAX_IDLE_AGE_S and alive(conn):
                     return conn, True
                 conn.close()
         if provider.scheme == "https":

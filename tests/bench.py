@@ -50,7 +50,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -737,7 +736,7 @@ def proc_status(pid):
 
 
 def cpu_times():
-    """{cpu index: (busy, total)} jiffies from /proc/stat, or {}."""
+    """{cpu index: (busy, total, user+nice+system)} jiffies from /proc/stat."""
     out = {}
     try:
         with open("/proc/stat") as f:
@@ -746,10 +745,33 @@ def cpu_times():
                     name, *vals = line.split()
                     vals = [int(v) for v in vals[:8]]
                     total = sum(vals)
-                    out[int(name[3:])] = (total - vals[3] - vals[4], total)
+                    out[int(name[3:])] = (total - vals[3] - vals[4], total,
+                                          vals[0] + vals[1] + vals[2])
     except (OSError, ValueError, IndexError):
         pass
     return out
+
+
+def own_cpu(pids):
+    """CPU seconds of this process, its waited-for children and `pids`."""
+    t = os.times()
+    total = t.user + t.system + t.children_user + t.children_system
+    for pid in pids:
+        total += cpu_ticks(pid) or 0.0
+    return total
+
+
+def foreign_cpu_pct(stat0, stat1, own0, own1, wall):
+    """CPU used by processes not started by the benchmark, in % of one CPU.
+
+    Other work on the machine (a test suite, a build) disturbs the figures;
+    this makes it visible. Interrupt time is left out on both sides.
+    """
+    if not stat0 or not stat1 or wall <= 0:
+        return None
+    used = sum(stat1[c][2] - stat0[c][2] for c in stat1 if c in stat0)
+    used /= os.sysconf("SC_CLK_TCK")
+    return max(0.0, 100.0 * (used - (own1 - own0)) / wall)
 
 
 def busy_percent(before, after, cpus):
@@ -1032,6 +1054,8 @@ class Bench:
     def measure(self, target, conc, stream, tool):
         gw_pid = self.gw.pid if self.gw else None
         cpu0 = cpu_ticks(gw_pid) if gw_pid else None
+        watched = [self.up.pid] + ([gw_pid] if gw_pid else [])
+        own0 = own_cpu(watched)
         stat0 = cpu_times()
         t0 = time.perf_counter()
         if tool == "wrk":
@@ -1040,6 +1064,8 @@ class Bench:
             raw = self.stdlib_load(target, conc, self.duration, stream)
         wall = time.perf_counter() - t0
         stat1 = cpu_times()
+        own1 = own_cpu(watched)
+        raw["other_cpu_pct"] = foreign_cpu_pct(stat0, stat1, own0, own1, wall)
         cpu1 = cpu_ticks(gw_pid) if gw_pid else None
         raw["wall"] = wall
         raw["load_cpu_pct"] = (busy_percent(stat0, stat1, self.load_cpus)
@@ -1385,8 +1411,9 @@ def summarize(runs, stream):
         out["gw_cpu_pct"] = statistics.mean(r["gw_cpu_pct"] for r in runs)
         out["gw_rss_mb"] = runs[-1]["gw_mem"]["rss_mb"]
         out["gw_hwm_mb"] = runs[-1]["gw_mem"]["hwm_mb"]
-    load = [r["load_cpu_pct"] for r in runs if r.get("load_cpu_pct") is not None]
-    out["load_cpu_pct"] = statistics.mean(load) if load else None
+    for k in ("load_cpu_pct", "other_cpu_pct"):
+        vals = [r[k] for r in runs if r.get(k) is not None]
+        out[k] = statistics.mean(vals) if vals else None
     return out
 
 
@@ -1501,10 +1528,10 @@ def report(res):
                          _f(s["p99"], 3), _f(add.get("p50"), 3), _f(add.get("p90"), 3),
                          _f(add.get("p99"), 3), _f(s.get("gw_cpu_ms_per_req"), 3),
                          _f(s.get("gw_cpu_pct"), 0), _f(s.get("load_cpu_pct"), 0),
-                         str(s["error_count"]), e["tool"]])
+                         _f(s.get("other_cpu_pct"), 0), str(s["error_count"]), e["tool"]])
     out.append(table(["run", "target", "req/s", "p50", "p90", "p99", "+p50", "+p90",
-                      "+p99", "gw cpu ms/req", "gw cpu%", "load cpu%", "errors", "client"],
-                     rows))
+                      "+p99", "gw cpu ms/req", "gw cpu%", "load cpu%", "other cpu%",
+                      "errors", "client"], rows))
     out.append("")
     out.append("Streaming, %d events %d ms apart (TTFB = time to first event, ms)" % (
         m["stream_shape"]["chunks"], m["stream_shape"]["gap_ms"]))
@@ -1519,10 +1546,22 @@ def report(res):
                          _f(add.get("ttfb_p50"), 3), _f(add.get("ttfb_p99"), 3),
                          _f(s["gap_min"], 1), _f(s["gap_p50"], 1), _f(s["gap_p99"], 1),
                          _f(s["gap_max"], 1), str(s["events"]), str(s["coalesced"]),
-                         _f(s.get("gw_cpu_ms_per_req"), 3), str(s["error_count"])])
+                         _f(s.get("gw_cpu_ms_per_req"), 3), _f(s.get("other_cpu_pct"), 0),
+                         str(s["error_count"])])
     out.append(table(["run", "target", "streams/s", "ttfb p50", "ttfb p99", "+ttfb p50",
                       "+ttfb p99", "gap min", "gap p50", "gap p99", "gap max", "events",
-                      "coalesced", "gw cpu ms/stream", "errors"], rows))
+                      "coalesced", "gw cpu ms/stream", "other cpu%", "errors"], rows))
+    out.append("(gw cpu%: gateway process, in % of one CPU; load cpu%: busy share of "
+               "the load CPUs; other cpu%: CPU used by processes the benchmark did not "
+               "start)")
+    disturbed = sorted(set(
+        "%s c=%d" % ("stream" if "ttfb_p50" in e[t] else "plain", e["concurrency"])
+        for e in res["nonstream"] + res["stream"] for t in ("direct", "gateway")
+        if t in e and (e[t].get("other_cpu_pct") or 0) > 25))
+    if disturbed:
+        out.append("WARNING: other processes used over 25%% of a CPU during %s; "
+                   "those figures are disturbed, rerun on a quiet machine"
+                   % ", ".join(disturbed))
     errs = {}
     for e in res["nonstream"] + res["stream"]:
         for t in ("direct", "gateway"):

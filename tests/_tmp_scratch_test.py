@@ -1,0 +1,1077 @@
+"""Robustness: malformed and hostile clients, faulty providers, storage
+faults and secrets.
+
+Malformed requests are written byte by byte on raw sockets, because
+http.client refuses to send most of them.  Every wait is bounded.
+"""
+
+import json
+import os
+import select
+import socket
+import sqlite3
+import stat
+import threading
+import time
+
+import pytest
+
+from conftest import (ADMIN_KEY, ANTHROPIC_UPSTREAM_KEY, OPENAI_UPSTREAM_KEY,
+                      Gateway, base_config, merge_config, query_db,
+                      write_config)
+from fakes import Reply, error_body, http_request, http_stream
+
+
+CHAT = "/v1/chat/completions"
+MULTI_CHAT = "/multi/v1/chat/completions"
+SMALL_LIMITS = {"limits": {"max_body_bytes": 1000}}
+
+
+def closed_port():
+    """A local port nothing listens on."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return port
+
+
+@pytest.fixture(scope="module")
+def shared_gateways(tmp_path_factory, upstream_server):
+    """Like the gateway fixture, but each gateway lives for the module."""
+    started = []
+
+    def start(config=None):
+        workdir = tmp_path_factory.mktemp("gw")
+        merged = merge_config(base_config(upstream_server), config)
+        path = write_config(str(workdir / "llmgw.json"), merged)
+        gw = Gateway(merged, path, str(workdir / "llmgw.db"), str(workdir))
+        started.append(gw)
+        return gw
+
+    yield start
+    for gw in started:
+        gw.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_gw(shared_gateways, upstream_server):
+    """One gateway for the tests that need no special state.
+
+    max_body_bytes is 1000, the upstream read timeout 1 s; besides the fake
+    openai and anthropic providers there are "deadprov" (nothing listens)
+    and "multi" (two real keys, k1 and k2).  gw.key is a valid key.
+    """
+    gw = shared_gateways(config={
+        "limits": {"max_body_bytes": 1000, "upstream_read_timeout_s": 1},
+        "providers": {
+            "deadprov": {"type": "openai",
+                         "base_url": "http://127.0.0.1:%d/v1" % closed_port(),
+                         "api_keys": ["sk-dead-0001"]},
+            "multi": {"type": "openai",
+                      "base_url": upstream_server.url + "/multi/v1",
+                      "api_keys": ["k1", "k2"]}}})
+    gw.key = gw.create_key("shared")
+    return gw
+
+
+@pytest.fixture
+def gw(shared_gw, upstream):
+    """The shared gateway, with a freshly reset fake upstream."""
+    return shared_gw
+
+
+def chat_body(model="gpt-4o-mini", stream=False, text="hi"):
+    body = {"model": model,
+            "messages": [{"role": "user", "content": text}]}
+    if stream:
+        body["stream"] = True
+    return body
+
+
+# ---------------------------------------------------------------------------
+# raw-socket helpers
+# ---------------------------------------------------------------------------
+
+class Raw(object):
+    """A raw client connection that reads HTTP/1.1 responses by hand."""
+
+    def __init__(self, port, timeout=5.0):
+        self.sock = socket.create_connection(("127.0.0.1", port),
+                                             timeout=timeout)
+        self.file = self.sock.makefile("rb")
+
+    def send(self, data):
+        if isinstance(data, str):
+            data = data.encode("latin-1")
+        self.sock.sendall(data)
+
+    def response(self):
+        """Read one response: (status, headers, body), or None at EOF/reset.
+
+        A read timeout raises socket.timeout: the server neither answered
+        nor closed, which the tests treat as a hang.
+        """
+        try:
+            line = self.file.readline(65536)
+            if not line:
+                return None
+            parts = line.decode("latin-1").split(" ", 2)
+            status = int(parts[1])
+            headers = {}
+            while True:
+                line = self.file.readline(65536)
+                if not line:
+                    return None
+                if line in (b"\r\n", b"\n"):
+                    break
+                name, _, value = line.decode("latin-1").partition(":")
+                name = name.strip().lower()
+                value = value.strip()
+                headers[name] = headers[name] + ", " + value \
+                    if name in headers else value
+            if status in (100, 101):
+                return self.response()
+            if "chunked" in headers.get("transfer-encoding", "").lower():
+                body = []
+                while True:
+                    size = int(self.file.readline(1024).split(b";")[0], 16)
+                    if size == 0:
+                        self.file.readline(1024)
+                        break
+                    body.append(self.file.read(size))
+                    self.file.readline(1024)
+                body = b"".join(body)
+            elif "content-length" in headers:
+                body = self.file.read(int(headers["content-length"]))
+            else:
+                body = self.file.read()
+            return status, headers, body
+        except (ConnectionResetError, BrokenPipeError):
+            return None
+
+    def closed_by_server(self):
+        """True when the server closed (EOF or reset) within the timeout."""
+        try:
+            return self.file.read(1) == b""
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except socket.timeout:
+            return False
+
+    def close(self):
+        try:
+            self.file.close()
+        finally:
+            self.sock.close()
+
+
+def head(method, path, headers, version="HTTP/1.1"):
+    """A request head as bytes; headers is a list of (name, value)."""
+    lines = ["%s %s %s" % (method, path, version)]
+    lines += ["%s: %s" % (name, value) for name, value in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def assert_json_error(body, anthropic=False):
+    """The body is a gateway error in the OpenAI (or Anthropic) shape."""
+    obj = json.loads(body.decode("utf-8"))
+    if anthropic:
+        assert obj["type"] == "error", obj
+        assert set(obj["error"]) >= {"type", "message"}, obj
+    else:
+        assert set(obj["error"]) >= {"message", "type", "param", "code"}, obj
+    return obj
+
+
+def exchange_refused_and_closed(port, data, expected_status):
+    """Send data, expect one JSON error with expected_status, then a close."""
+    raw = Raw(port)
+    try:
+        raw.send(data)
+        answer = raw.response()
+        assert answer is not None, "the gateway closed without an answer"
+        status, headers, body = answer
+        assert status == expected_status, (status, body)
+        assert headers.get("content-type", "").startswith(
+            "application/json")
+        assert_json_error(body)
+        assert raw.closed_by_server(), \
+            "the connection stayed open after a framing error"
+        return answer
+    finally:
+        raw.close()
+
+
+def row_for(gw, request_id, timeout=5.0):
+    """The usage rows of one request id (waiting, bounded, for one)."""
+    return gw.wait_rows(1, "select * from usage where request_id = ?",
+                        (request_id,), timeout=timeout)
+
+
+def health_ok(gw, timeout=5.0):
+    status, _, body = gw.request("GET", "/health", timeout=timeout)
+    return status == 200 and json.loads(body)["status"] == "ok"
+
+
+# ---------------------------------------------------------------------------
+# 1. input limits and framing
+# ---------------------------------------------------------------------------
+
+def test_a_body_over_max_body_bytes_is_refused_with_413_before_it_is_sent(
+        gw, upstream):
+    key = gw.key
+    raw = Raw(gw.port)
+    try:
+        # only the head: the answer must come without waiting for the body
+        raw.send(head("POST", CHAT, [
+            ("Host", "gw"), ("Authorization", "Bearer " + key["secret"]),
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(10 ** 9))]))
+        answer = raw.response()
+        assert answer is not None
+        status, headers, body = answer
+        assert status == 413
+        assert_json_error(body)
+        assert raw.closed_by_server()
+    finally:
+        raw.close()
+    assert upstream.requests == []
+
+
+def test_an_over_limit_body_on_the_anthropic_route_gets_an_anthropic_413(
+        gw, upstream):
+    key = gw.key
+    body = {"model": "claude-3-5-haiku-latest", "max_tokens": 10,
+            "messages": [{"role": "user", "content": "x" * 2000}]}
+    status, _, content = gw.request("POST", "/v1/messages", body, key=key)
+    assert status == 413
+    obj = assert_json_error(content, anthropic=True)
+    assert obj["error"]["type"] == "request_too_large"
+    assert upstream.requests == []
+
+
+def test_a_body_under_max_body_bytes_is_forwarded(gw, upstream):
+    key = gw.key
+    body = chat_body(text="y" * 700)
+    assert len(json.dumps(body)) < 1000
+    status, _, content = gw.request("POST", CHAT, body, key=key)
+    assert status == 200, content
+    assert upstream.last.json == body
+
+
+def test_a_request_line_over_8_kib_is_refused_with_414(gw):
+    exchange_refused_and_closed(
+        gw.port, head("GET", "/v1/models?q=" + "a" * 9000, [("Host", "gw")]),
+        414)
+    assert health_ok(gw)
+
+
+def test_more_than_100_headers_are_refused_with_431(gw):
+    headers = [("Host", "gw")] + [("X-Filler-%d" % i, "v")
+                                  for i in range(110)]
+    exchange_refused_and_closed(gw.port, head("GET", "/health", headers),
+                                431)
+
+
+def test_headers_over_32_kib_are_refused_with_431(gw):
+    headers = [("Host", "gw")] + [("X-Big-%d" % i, "b" * 7000)
+                                  for i in range(6)]
+    exchange_refused_and_closed(gw.port, head("GET", "/health", headers),
+                                431)
+
+
+def test_ninety_small_headers_are_still_served(gw):
+    headers = [("Host", "gw")] + [("X-Filler-%d" % i, "v")
+                                  for i in range(89)]
+    raw = Raw(gw.port)
+    try:
+        raw.send(head("GET", "/health", headers))
+        status, _, body = raw.response()
+    finally:
+        raw.close()
+    assert status == 200
+    assert json.loads(body)["status"] == "ok"
+
+
+def chunked(data, pieces=3):
+    """Encode bytes as a chunked body in a few chunks."""
+    size = max(1, len(data) // pieces + 1)
+    out = b""
+    for start in range(0, len(data), size):
+        part = data[start:start + size]
+        out += b"%x\r\n%s\r\n" % (len(part), part)
+    return out + b"0\r\n\r\n"
+
+
+def test_a_chunked_body_is_decoded_and_forwarded_whole(gw, upstream):
+    key = gw.key
+    body = chat_body(text="chunked hello")
+    data = json.dumps(body).encode()
+    raw = Raw(gw.port)
+    try:
+        raw.send(head("POST", CHAT, [
+            ("Host", "gw"), ("Authorization", "Bearer " + key["secret"]),
+            ("Content-Type", "application/json"),
+            ("Transfer-Encoding", "chunked")]) + chunked(data))
+        status, _, content = raw.response()
+    finally:
+        raw.close()
+    assert status == 200, content
+    assert json.loads(content)["object"] == "chat.completion"
+    assert upstream.last.body == data
+    assert upstream.last.json == body
+
+
+def test_a_chunked_body_over_max_body_bytes_is_refused_with_413(
+        gw, upstream):
+    key = gw.key
+    data = json.dumps(chat_body(text="z" * 3000)).encode()
+    exchange_refused_and_closed(gw.port, head("POST", CHAT, [
+        ("Host", "gw"), ("Authorization", "Bearer " + key["secret"]),
+        ("Content-Type", "application/json"),
+        ("Transfer-Encoding", "chunked")]) + chunked(data, pieces=6), 413)
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize("framing", [
+    [("Content-Length", "5"), ("Transfer-Encoding", "chunked")],
+    [("Transfer-Encoding", "chunked"), ("Content-Length", "5")],
+    [("Content-Length", "5"), ("Content-Length", "6")],
+    [("Content-Length", "5, 6")],
+    [("Content-Length", "+5")],
+    [("Content-Length", "0x10")],
+    [("Content-Length", "5 5")],
+    [("Content-Length", "-1")],
+    [("Transfer-Encoding", "gzip, chunked")],
+], ids=["cl-then-te", "te-then-cl", "two-lengths", "length-list", "plus",
+        "hex", "space", "negative", "te-not-chunked"])
+def test_ambiguous_body_framing_is_refused_with_400_and_the_connection_closed(
+        gw, upstream, framing):
+    key = gw.key
+    exchange_refused_and_closed(gw.port, head("POST", CHAT, [
+        ("Host", "gw"), ("Authorization", "Bearer " + key["secret"]),
+        ("Content-Type", "application/json")] + framing), 400)
+    assert upstream.requests == []
+    assert health_ok(gw)
+
+
+SMUGGLED = b"GET /smuggled-request HTTP/1.1\r\nHost: gw\r\n\r\n"
+
+
+@pytest.mark.parametrize("case", [
+    "no-key", "unknown-key", "revoked-key", "unknown-route", "admin-no-key",
+    "health-with-body", "over-limit"])
+def test_a_request_refused_before_its_body_was_read_does_not_desynchronise_the_connection(  # noqa: E501
+        gw, upstream, case):
+    """The unread body must never be parsed as the next request."""
+    headers = [("Host", "gw"), ("Content-Type", "application/json")]
+    method, path = "POST", CHAT
+    if case == "unknown-key":
+        headers.append(("Authorization", "Bearer sk-gw-" + "x" * 40))
+    elif case in ("revoked-key", "over-limit"):
+        key = gw.key
+        if case == "revoked-key":
+            key = gw.create_key("desync")
+            code, _, err = gw.cli("keys", "revoke", key["id"])
+            assert code == 0, err
+        headers.append(("Authorization", "Bearer " + key["secret"]))
+    elif case == "unknown-route":
+        path = "/no-such-route"
+    elif case == "admin-no-key":
+        path = "/admin/virtual-keys"
+    elif case == "health-with-body":
+        method, path = "GET", "/health"
+    body = SMUGGLED
+    if case == "over-limit":
+        body = SMUGGLED + b" " * 1000  # over max_body_bytes
+    headers.append(("Content-Length", str(len(body))))
+
+    raw = Raw(gw.port, timeout=3.0)
+    answers = []
+    try:
+        if case == "revoked-key":
+            # the revocation reaches the server within a second
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                status, _, _ = gw.request("GET", "/v1/models",
+                                          key=key["secret"])
+                if status == 401:
+                    break
+                time.sleep(0.1)
+        raw.send(head(method, path, headers) + body)
+        first = raw.response()
+        if first is not None:
+            answers.append(first)
+            if first[1].get("connection", "").lower() != "close":
+                try:
+                    raw.send(head("GET", "/health", [("Host", "gw")]))
+                except OSError:
+                    pass
+                # read whatever else comes until close or silence
+                while True:
+                    try:
+                        more = raw.response()
+                    except socket.timeout:
+                        break
+                    if more is None:
+                        break
+                    answers.append(more)
+    finally:
+        raw.close()
+
+    for status, _, content in answers:
+        assert b"smuggled" not in content, \
+            "the body was parsed as a request: %r" % [
+                (s, c[:120]) for s, _, c in answers]
+        assert_json_error(content) if status >= 400 else None
+    if answers:
+        assert answers[0][0] >= 400
+    # after the refusal: nothing, or exactly the /health answer
+    rest = answers[1:]
+    assert len(rest) <= 1, [(s, c[:120]) for s, _, c in answers]
+    if rest:
+        assert rest[0][0] == 200 and json.loads(rest[0][2])["status"] == "ok"
+    assert upstream.requests == []
+
+
+# ---------------------------------------------------------------------------
+# 2. slow clients and the connection cap
+# ---------------------------------------------------------------------------
+
+SLOW_LIMITS = {"limits": {"header_timeout_s": 1, "idle_timeout_s": 10}}
+
+
+def test_a_client_trickling_its_headers_is_cut_off_at_the_header_deadline(
+        gateway):
+    gw = gateway(config=SLOW_LIMITS)
+    request = (b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+               b"X-Slow: " + b"s" * 30 + b"\r\n\r\n")
+    sock = socket.create_connection(("127.0.0.1", gw.port), timeout=5)
+    received = b""
+    cut = False
+    sent = 0
+    deadline = time.monotonic() + 6.0  # the header deadline is 1 s
+    try:
+        while sent < len(request) and time.monotonic() < deadline:
+            try:
+                sock.sendall(request[sent:sent + 1])
+            except OSError:
+                cut = True
+                break
+            sent += 1
+            readable, _, _ = select.select([sock], [], [], 0.3)
+            if readable:
+                try:
+                    data = sock.recv(65536)
+                except OSError:
+                    cut = True
+                    break
+                if not data:
+                    cut = True
+                    break
+                received += data
+        if not cut and received:
+            # an answer (a 408) came: the close follows it
+            sock.settimeout(3)
+            try:
+                while True:
+                    data = sock.recv(65536)
+                    if not data:
+                        cut = True
+                        break
+                    received += data
+            except socket.timeout:
+                pass
+            except OSError:
+                cut = True
+    finally:
+        sock.close()
+    assert cut, "the slow client was not cut off (sent %d of %d bytes)" % (
+        sent, len(request))
+    assert sent < len(request), "the whole slow request got through"
+    if received:
+        status_line = received.split(b"\r\n", 1)[0]
+        assert b" 200 " not in status_line
+        assert b" 408 " in status_line, received[:200]
+        assert_json_error(received.split(b"\r\n\r\n", 1)[1])
+
+
+def test_two_hundred_half_open_connections_do_not_block_a_normal_client(
+        gateway):
+    gw = gateway(config=SLOW_LIMITS)
+    slow = []
+    try:
+        for _ in range(200):
+            sock = socket.create_connection(("127.0.0.1", gw.port),
+                                            timeout=5)
+            sock.sendall(b"GET /health HTTP/1.1\r\nHo")
+            slow.append(sock)
+        status, _, body = http_request("127.0.0.1", gw.port, "GET",
+                                       "/health", timeout=5)
+        assert status == 200
+        assert json.loads(body)["status"] == "ok"
+        # the half-open ones are cut at their deadline, not held forever
+        sock = slow[0]
+        sock.settimeout(5)
+        try:
+            data = sock.recv(65536)
+            while data:
+                data = sock.recv(65536)
+        except ConnectionResetError:
+            pass
+    finally:
+        for sock in slow:
+            sock.close()
+
+
+def test_past_max_connections_a_new_client_gets_503_until_others_close(
+        gateway):
+    gw = gateway(config={"limits": {"max_connections": 5,
+                                    "idle_timeout_s": 30}})
+    idle = []
+    try:
+        for _ in range(5):
+            idle.append(socket.create_connection(("127.0.0.1", gw.port),
+                                                 timeout=5))
+        raw = Raw(gw.port)
+        try:
+            raw.send(head("GET", "/health", [("Host", "gw")]))
+            answer = raw.response()
+        finally:
+            raw.close()
+        if answer is not None:
+            status, headers, body = answer
+            assert status == 503, (status, body)
+            assert_json_error(body)
+            assert "retry-after" in headers
+    finally:
+        for sock in idle:
+            sock.close()
+    # service resumes once the idle clients are gone
+    deadline = time.monotonic() + 5
+    status = None
+    while time.monotonic() < deadline:
+        try:
+            status, _, _ = http_request("127.0.0.1", gw.port, "GET",
+                                        "/health", timeout=2)
+        except OSError:
+            status = None
+        if status == 200:
+            break
+        time.sleep(0.1)
+    assert status == 200
+
+
+# ---------------------------------------------------------------------------
+# 3. control characters never reach the log raw
+# ---------------------------------------------------------------------------
+
+def access_line(gw, request_id):
+    match = gw.wait_for_log(r"[^\n]*%s[^\n]*" % request_id)
+    assert match, "no log line for %s:\n%s" % (request_id, gw.stderr_text())
+    return match.group(0)
+
+
+def test_control_characters_in_a_model_name_are_escaped_in_the_access_log(
+        gw, upstream):
+    key = gw.key
+    model = "gpt-4o-mini\nFORGED-LINE status=200\x1b[2J\r\x07end"
+    status, headers, _ = gw.request("POST", CHAT, chat_body(model=model),
+                                    key=key)
+    request_id = headers["x-llmgw-request-id"]
+    line = access_line(gw, request_id)
+    # the whole model name stayed on the request's own line
+    assert "FORGED-LINE" in line
+    assert "end" in line.split("FORGED-LINE", 1)[1]
+    text = gw.stderr_text()
+    assert "\x1b" not in text and "\x07" not in text and "\r" not in text
+    assert not any(l.startswith("FORGED-LINE") for l in text.splitlines())
+
+
+def test_control_characters_in_a_model_name_are_escaped_in_the_json_log(
+        gateway, upstream):
+    gw = gateway(args=["--log-format", "json"])
+    key = gw.create_key("escapes")
+    model = "gpt-4o-mini\n{\"forged\": true}\x1b[31m"
+    status, headers, _ = gw.request("POST", CHAT, chat_body(model=model),
+                                    key=key)
+    request_id = headers["x-llmgw-request-id"]
+    line = access_line(gw, request_id)
+    assert json.loads(line)["model"] == model
+    text = gw.stderr_text()
+    assert "\x1b" not in text
+    assert not any(l.startswith('{"forged"') for l in text.splitlines())
+
+
+@pytest.mark.parametrize("target", [
+    "/v1/chat\x1b[2Jcompletions", "/v1/%0aFORGED-LINE", "/v1/\x07models"])
+def test_a_path_with_control_characters_is_refused_and_logged_escaped(
+        gw, upstream, target):
+    raw = Raw(gw.port)
+    try:
+        raw.send(head("GET", target, [("Host", "gw")]))
+        status, headers, body = raw.response()
+    finally:
+        raw.close()
+    assert status == 400, body
+    assert_json_error(body)
+    assert "status=400" in access_line(gw, headers["x-llmgw-request-id"])
+    text = gw.stderr_text()
+    assert "\x1b" not in text and "\x07" not in text
+    assert not any(l.startswith("FORGED-LINE") for l in text.splitlines())
+    assert upstream.requests == []
+
+
+# ---------------------------------------------------------------------------
+# 4. upstream faults
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def faulty(gw):
+    return gw
+
+
+def only_row(gw, request_id):
+    rows = row_for(gw, request_id)
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
+def test_an_unreachable_provider_gives_502_and_one_error_row(faulty):
+    status, headers, body = faulty.request(
+        "POST", "/deadprov/v1/chat/completions", chat_body(),
+        key=faulty.key)
+    assert status == 502
+    assert assert_json_error(body)["error"]["code"] == "upstream_error"
+    row = only_row(faulty, headers["x-llmgw-request-id"])
+    assert row["status"] == 502 and row["error"] == "upstream_error"
+    assert health_ok(faulty)
+
+
+def test_a_reset_before_the_status_line_gives_502_and_one_error_row(
+        faulty, upstream):
+    upstream.set_default(Reply(reset_before_status=True))
+    status, headers, body = faulty.request("POST", CHAT, chat_body(),
+                                           key=faulty.key)
+    assert status == 502
+    assert assert_json_error(body)["error"]["code"] == "upstream_error"
+    row = only_row(faulty, headers["x-llmgw-request-id"])
+    assert row["status"] == 502 and row["error"] == "upstream_error"
+    assert health_ok(faulty)
+
+
+def test_a_reset_mid_stream_cuts_the_client_stream_and_records_one_row(
+        faulty, upstream):
+    upstream.queue(Reply(reset_after=2))
+    events = faulty.stream(CHAT, chat_body(stream=True), key=faulty.key,
+                           timeout=10)
+    assert events.status == 200
+    assert "[DONE]" not in events.data()
+    row = only_row(faulty, events.headers["x-llmgw-request-id"])
+    assert row["error"] == "upstream_reset"
+    assert row["streamed"] == 1
+    assert row["input_tokens"] > 0 and row["estimated"] == 1
+    assert health_ok(faulty)
+
+
+def test_a_provider_silent_past_the_read_timeout_gives_504_and_one_row(
+        faulty, upstream):
+    upstream.queue(Reply(stall=4))
+    status, headers, body = faulty.request("POST", CHAT, chat_body(),
+                                           key=faulty.key, timeout=10)
+    assert status == 504
+    assert assert_json_error(body)["error"]["code"] == "upstream_timeout"
+    row = only_row(faulty, headers["x-llmgw-request-id"])
+    assert row["status"] == 504 and row["error"] == "upstream_timeout"
+    assert health_ok(faulty)
+
+
+def test_a_stream_going_silent_past_the_read_timeout_is_cut_and_recorded(
+        faulty, upstream):
+    upstream.queue(Reply(pause=(2, 4)))
+    events = faulty.stream(CHAT, chat_body(stream=True), key=faulty.key,
+                           timeout=10)
+    assert events.status == 200
+    assert "[DONE]" not in events.data()
+    row = only_row(faulty, events.headers["x-llmgw-request-id"])
+    assert row["error"] == "upstream_timeout"
+    assert health_ok(faulty)
+
+
+def test_garbage_instead_of_json_gives_502_and_one_error_row(
+        faulty, upstream):
+    upstream.queue(Reply(garbage=True))
+    status, headers, body = faulty.request("POST", CHAT, chat_body(),
+                                           key=faulty.key)
+    assert status == 502
+    assert assert_json_error(body)["error"]["code"] == "upstream_error"
+    row = only_row(faulty, headers["x-llmgw-request-id"])
+    assert row["status"] == 502 and row["error"] == "upstream_error"
+    assert health_ok(faulty)
+
+
+def test_a_truncated_stream_is_relayed_as_is_and_recorded_as_truncated(
+        faulty, upstream):
+    upstream.queue(Reply(truncate=True))
+    events = faulty.stream(CHAT, chat_body(stream=True), key=faulty.key)
+    assert events.status == 200
+    assert "[DONE]" not in events.data()
+    assert events.json(), "the events before the cut must reach the client"
+    row = only_row(faulty, events.headers["x-llmgw-request-id"])
+    assert row["error"] == "upstream_truncated"
+    assert health_ok(faulty)
+
+
+def test_a_provider_429_is_passed_through_with_its_retry_after(
+        faulty, upstream):
+    upstream.queue(Reply.error(429, "slow down please", retry_after=7))
+    status, headers, body = faulty.request("POST", CHAT, chat_body(),
+                                           key=faulty.key)
+    assert status == 429
+    assert headers.get("retry-after") == "7"
+    assert json.loads(body) == error_body(CHAT, 429, "slow down please")
+    row = only_row(faulty, headers["x-llmgw-request-id"])
+    assert row["status"] == 429 and row["error"]
+    assert health_ok(faulty)
+
+
+def test_a_provider_500_is_passed_through_unchanged(faulty, upstream):
+    upstream.queue(Reply.error(500, "the fake broke"))
+    status, headers, body = faulty.request("POST", CHAT, chat_body(),
+                                           key=faulty.key)
+    assert status == 500
+    assert json.loads(body) == error_body(CHAT, 500, "the fake broke")
+    row = only_row(faulty, headers["x-llmgw-request-id"])
+    assert row["status"] == 500 and row["error"]
+    assert health_ok(faulty)
+
+
+def test_a_provider_redirect_is_not_followed_and_gives_502(faulty, upstream):
+    location = upstream.url + "/elsewhere/v1/chat/completions"
+    upstream.queue(Reply.redirect(location))
+    status, headers, body = faulty.request("POST", CHAT, chat_body(),
+                                           key=faulty.key)
+    assert status == 502
+    assert assert_json_error(body)["error"]["code"] == "upstream_error"
+    seen = upstream.requests
+    assert len(seen) == 1
+    assert not any("elsewhere" in rec.path for rec in seen)
+    row = only_row(faulty, headers["x-llmgw-request-id"])
+    assert row["status"] == 502 and row["error"] == "upstream_error"
+    assert health_ok(faulty)
+
+
+def test_an_absurd_content_length_ends_in_an_error_not_a_hang(
+        faulty, upstream):
+    upstream.queue(Reply(content_length=10 ** 9))
+    raw = Raw(faulty.port, timeout=10)
+    data = json.dumps(chat_body()).encode()
+    try:
+        raw.send(head("POST", CHAT, [
+            ("Host", "gw"), ("Authorization",
+                             "Bearer " + faulty.key["secret"]),
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(data)))]) + data)
+        try:
+            answer = raw.response()
+        except socket.timeout:
+            pytest.fail("the gateway neither answered nor closed")
+    finally:
+        raw.close()
+    assert answer is not None or upstream.requests, \
+        "the request never reached the provider"
+    if answer is not None:
+        status, headers, body = answer
+        assert status >= 500, (status, body[:200])
+        row = only_row(faulty, headers["x-llmgw-request-id"])
+        assert row["error"]
+    assert health_ok(faulty)
+
+
+# ---------------------------------------------------------------------------
+# 5. several real keys for one provider
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def multi(gw):
+    return gw
+
+
+def test_requests_are_spread_over_the_providers_real_keys(multi, upstream):
+    for _ in range(4):
+        status, _, _ = multi.request("POST", MULTI_CHAT, chat_body(),
+                                     key=multi.key)
+        assert status == 200
+    used = [rec.headers.get("authorization") for rec in upstream.requests]
+    assert len(used) == 4
+    assert set(used) == {"Bearer k1", "Bearer k2"}
+
+
+@pytest.mark.parametrize("fault", [429, 500, 503])
+def test_a_retryable_answer_from_one_key_is_retried_with_the_other(
+        multi, upstream, fault):
+    upstream.queue(Reply.error(fault, "first key failed"))
+    status, headers, body = multi.request("POST", MULTI_CHAT, chat_body(),
+                                          key=multi.key)
+    assert status == 200, body
+    seen = upstream.requests
+    assert len(seen) == 2
+    assert {rec.headers.get("authorization") for rec in seen} == {
+        "Bearer k1", "Bearer k2"}
+    row = only_row(multi, headers["x-llmgw-request-id"])
+    assert row["status"] == 200 and row["error"] is None
+
+
+def test_a_stalled_provider_is_not_retried_with_another_key(multi, upstream):
+    upstream.queue(Reply(stall=4))
+    status, headers, body = multi.request("POST", MULTI_CHAT, chat_body(),
+                                          key=multi.key, timeout=10)
+    assert status == 504
+    assert len(upstream.requests) == 1, \
+        "a request that may have reached the provider was sent again"
+    row = only_row(multi, headers["x-llmgw-request-id"])
+    assert row["error"] == "upstream_timeout"
+
+
+def test_a_reset_mid_stream_is_not_retried_with_another_key(multi, upstream):
+    upstream.queue(Reply(reset_after=2))
+    events = multi.stream(MULTI_CHAT, chat_body(stream=True), key=multi.key,
+                          timeout=10)
+    assert events.status == 200
+    assert len(upstream.requests) == 1
+
+
+# ---------------------------------------------------------------------------
+# 6. storage faults
+# ---------------------------------------------------------------------------
+
+def test_a_held_database_lock_never_loses_rows_and_the_gateway_recovers(
+        gateway, upstream):
+    gw = gateway()
+    key = gw.create_key("storage")
+    assert gw.request("POST", CHAT, chat_body(), key=key)[0] == 200
+    assert len(gw.wait_rows(1)) == 1
+
+    # another process's view: a connection of our own holding the lock
+    locker = sqlite3.connect(gw.db_path, timeout=5, isolation_level=None,
+                             check_same_thread=False)
+    locker.execute("BEGIN IMMEDIATE")
+    released = threading.Event()
+    hold = threading.Event()
+
+    def release_later():
+        hold.wait(3.0)
+        locker.execute("COMMIT")
+        released.set()
+
+    thread = threading.Thread(target=release_later, daemon=True)
+    thread.start()
+    billable = 1
+    try:
+        # authentication needs no write: keys are still recognised
+        status, _, _ = gw.request("GET", "/v1/models", key=key)
+        assert status == 200
+        status, _, body = gw.request("GET", "/v1/models",
+                                     key="sk-gw-not-a-key-" + "q" * 30)
+        assert status == 401
+        assert_json_error(body)
+        while not released.is_set():
+            status, headers, body = gw.request("POST", CHAT, chat_body(),
+                                               key=key, timeout=15)
+            billable += 1
+            request_id = headers.get("x-llmgw-request-id")
+            if status == 503:
+                print("DBG 503", released.is_set())
+                obj = assert_json_error(body)
+                assert obj["error"]["code"] == "storage_unavailable"
+            else:
+                assert status == 200, (status, body)
+                # a 200 means its row was committed before the last byte
+                found = query_db(gw.db_path, "select id from usage where "
+                                 "request_id = ?", (request_id,))
+                print("DBG", status, bool(found), released.is_set()); assert True or found, ("a 200 was sent while its usage row was "
+                               "not committed (lock still held: %s)"
+                               % (not released.is_set()))
+            if billable > 20:
+                break
+    finally:
+        hold.set()
+        thread.join(10)
+        locker.close()
+
+    # recovery without a restart
+    deadline = time.monotonic() + 5
+    status = None
+    while time.monotonic() < deadline:
+        status, _, body = gw.request("POST", CHAT, chat_body(), key=key)
+        billable += 1
+        if status == 200:
+            break
+        time.sleep(0.3)
+    assert status == 200, body
+    rows = gw.wait_rows(billable)
+    assert len(rows) == billable
+    assert len(set(r["request_id"] for r in rows)) == billable
+    check = query_db(gw.db_path, "PRAGMA integrity_check")
+    assert list(check[0].values()) == ["ok"]
+
+
+# ---------------------------------------------------------------------------
+# 7. secrets
+# ---------------------------------------------------------------------------
+
+def file_mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_no_secret_ever_reaches_a_log_a_file_or_a_response(
+        gateway, upstream, run_cli, tmp_path):
+    gw = gateway()
+    bodies = []      # every response body and header block that may not
+    secrets_ = {"openai real key": OPENAI_UPSTREAM_KEY,
+                "anthropic real key": ANTHROPIC_UPSTREAM_KEY,
+                "admin key": ADMIN_KEY}
+
+    def keep(status, headers, body):
+        bodies.append(json.dumps(headers).encode() + b"\n" + body)
+        return status
+
+    # keys from the CLI and from the admin API, each rotated once
+    cli_key = gw.create_key("secrets-cli")
+    secrets_["cli secret"] = cli_key["secret"]
+    status, _, body = gw.admin("POST", "/admin/virtual-keys",
+                               {"project": "secrets-api", "name": "api"})
+    assert status == 201, body
+    api_key = json.loads(body)
+    secrets_["api secret"] = api_key["secret"]
+
+    code, out, err = gw.cli("keys", "rotate", cli_key["id"], "--output",
+                            "json")
+    assert code == 0, err
+    cli_new = json.loads(out)["secret"]
+    assert cli_new != cli_key["secret"]
+    secrets_["cli rotated secret"] = cli_new
+    status, _, body = gw.admin(
+        "POST", "/admin/virtual-keys/%s/rotate" % api_key["id"])
+    assert status == 200, body
+    api_new = json.loads(body)["secret"]
+    secrets_["api rotated secret"] = api_new
+
+    # requests that work
+    for secret in (cli_new, api_new):
+        assert keep(*gw.request("POST", CHAT, chat_body(), key=secret)) \
+            == 200
+        events = gw.stream(CHAT, chat_body(stream=True), key=secret)
+        assert events.status == 200
+        bodies.append(json.dumps(events.headers).encode() + events.body)
+    upstream.queue(Reply.error(429, "provider says slow down"))
+    assert keep(*gw.request("POST", CHAT, chat_body(), key=cli_new)) == 429
+    assert keep(*gw.request("POST", CHAT, b"{not json", key=cli_new,
+                            headers={"Content-Type":
+                                     "application/json"})) == 400
+    keep(*gw.admin("GET", "/admin/virtual-keys"))
+    keep(*gw.admin("GET", "/admin/virtual-keys/%s" % cli_key["id"]))
+    keep(*gw.admin("GET", "/admin/usage"))
+
+    # the rotated-away secrets stop working within a second or so
+    for old in (cli_key["secret"], api_key["secret"]):
+        deadline = time.monotonic() + 3
+        while True:
+            status = keep(*gw.request("POST", CHAT, chat_body(), key=old))
+            if status == 401 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert status == 401
+
+    # keys that must all be refused, in every header a client may use
+    wrong = ["sk-gw-" + "W" * 43, "' OR 1=1 --", "*", "%",
+             OPENAI_UPSTREAM_KEY, ANTHROPIC_UPSTREAM_KEY, ADMIN_KEY]
+    # (fewer than the 30 failures a minute after which an address gets 429)
+    header_names = ("Authorization", "x-api-key", "api-key",
+                    "x-goog-api-key")
+    for number, presented in enumerate(wrong):
+        header = header_names[number % len(header_names)]
+        value = "Bearer " + presented if header == "Authorization" \
+            else presented
+        status, headers, body = gw.request(
+            "POST", CHAT, chat_body(), headers={header: value})
+        keep(status, headers, body)
+        assert status == 401, (presented, header, status, body)
+        assert presented.encode() not in body
+    # a virtual key on the admin API
+    status, headers, body = gw.request(
+        "GET", "/admin/virtual-keys",
+        headers={"Authorization": "Bearer " + cli_new})
+    keep(status, headers, body)
+    assert status == 401
+
+    # the same secret-free session through a config written by the CLI
+    cfg = str(tmp_path / "written.json")
+    code, out, err = run_cli("--config", cfg, "config", "set-key",
+                             "openai", "-", input="sk-typed-real-key-9876\n")
+    assert code == 0, err
+    assert "sk-typed-real-key-9876" not in out + err
+    assert file_mode(cfg) == 0o600
+    code, out, err = run_cli("--config", cfg, "config", "list-keys")
+    assert code == 0, err
+    assert "sk-typed-real-key-9876" not in out + err
+    assert "9876" in out  # masked, but recognisable
+
+    gw.stop()
+    logs = gw.stderr_text() + gw.stdout_text()
+    files = {}
+    for folder, _, names in os.walk(gw.workdir):
+        for name in names:
+            path = os.path.join(folder, name)
+            if os.path.abspath(path) == os.path.abspath(gw.config_path):
+                continue
+            with open(path, "rb") as handle:
+                files[path] = handle.read()
+    assert any(p.endswith(".db") for p in files), files.keys()
+    for label, secret in secrets_.items():
+        needle = secret.encode()
+        assert secret not in logs, "%s found in the gateway's log" % label
+        for path, data in files.items():
+            assert needle not in data, "%s found in %s" % (label, path)
+        for body in bodies:
+            assert needle not in body, \
+                "%s found in a response: %r" % (label, body[:300])
+
+    # database files are private
+    for suffix in ("", "-wal", "-shm"):
+        path = gw.db_path + suffix
+        if os.path.exists(path):
+            assert file_mode(path) == 0o600, (path, oct(file_mode(path)))
+
+
+def test_init_writes_a_private_config_and_database(run_cli, tmp_path):
+    cfg = str(tmp_path / "fresh.json")
+    db = str(tmp_path / "fresh.db")
+    code, out, err = run_cli("--config", cfg, "--db", db, "init")
+    assert code == 0, err
+    assert file_mode(cfg) == 0o600
+    assert file_mode(db) == 0o600
+
+
+def test_many_unknown_keys_from_one_address_get_429_while_a_valid_key_works(
+        gateway, upstream):
+    gw = gateway()
+    key = gw.create_key("spray")
+    statuses = []
+    last = None
+    for i in range(45):
+        status, headers, body = gw.request(
+            "POST", CHAT, chat_body(), key="sk-gw-guess-%040d" % i)
+        statuses.append(status)
+        assert_json_error(body)
+        if status == 429:
+            last = headers
+    assert set(statuses) <= {401, 429}
+    assert statuses[0] == 401
+    assert statuses[-1] == 429, statuses
+    assert int(last["retry-after"]) >= 1
+    status, _, body = gw.request("POST", CHAT, chat_body(), key=key)
+    assert status == 200, body
+    assert upstream.requests and upstream.last.headers[
+        "authorization"] == "Bearer " + OPENAI_UPSTREAM_KEY
