@@ -436,7 +436,11 @@ class Config:
                 problems.append(problem)
         self.providers = self._build_providers(data.get("providers") or {})
         self.default_provider = data.get("default_provider", "openai")
-        if self.default_provider not in self.providers:
+        configured = data.get("providers")
+        # a configured provider that is broken has had its problem reported
+        if self.default_provider not in self.providers and not (
+                isinstance(configured, dict)
+                and self.default_provider in configured):
             problems.append("default_provider %r is not a configured provider"
                             % self.default_provider)
 
@@ -856,7 +860,9 @@ class Store:
         out = []
         for r in rows:
             item = dict(r)
-            item["cost_usd"] = round(item["cost_usd"] or 0.0, 6)
+            if item["cost_usd"] is not None or not item["unpriced"]:
+                item["cost_usd"] = round(item["cost_usd"] or 0.0, 6)
+            # else: only unpriced requests, whose cost is unknown, not 0
             item["avg_latency_ms"] = round(item["avg_latency_ms"] or 0.0, 1)
             out.append(item)
         return out
