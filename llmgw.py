@@ -936,6 +936,8 @@ class UsageLog:
 
     def __init__(self, path: str, durability: str = "normal"):
         self.db = connect(path, durability, busy_timeout_s=2.0)
+        # checkpoints are the housekeeping thread's job (see Gateway)
+        self.db.execute("PRAGMA wal_autocheckpoint=0")
         self.cond = threading.Condition()
         self.pending = []
         self.generation = 0      # the batch that new rows join
@@ -1037,21 +1039,6 @@ class UsageLog:
             return False
         self.healthy = True
         return True
-
-    def checkpoint(self) -> None:
-        """Fold the WAL back into the database so it stays small."""
-        with self.cond:
-            while self.writing:
-                self.cond.wait()
-            self.writing = True
-        try:
-            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error as e:
-            log.debug("checkpoint skipped: %s", e)
-        finally:
-            with self.cond:
-                self.writing = False
-                self.cond.notify_all()
 
     def close(self) -> None:
         self.flush()
@@ -1693,34 +1680,38 @@ class KeyCache:
         self.version = None
         self.by_hash = {}
         self.by_id = {}
+        self.lock = threading.Lock()
         self.refresh()
 
     def refresh(self) -> bool:
-        version = self.store.keys_version()
-        if version == self.version:
-            return False
-        by_hash, by_id = {}, {}
-        for row in self.store.all_keys():
-            try:
-                key = VirtualKey(row)
-            except (ValueError, UsageError) as e:
-                log.error("key %s is unusable: %s", row["id"], e)
-                continue
-            by_hash[row["secret_hash"]] = key
-            by_id[key.id] = key
-        self.by_hash, self.by_id, self.version = by_hash, by_id, version
-        return True
+        """Reload the keys if the table changed; True if it did."""
+        with self.lock:
+            version = self.store.keys_version()
+            if version == self.version:
+                return False
+            by_hash, by_id = {}, {}
+            for row in self.store.all_keys():
+                try:
+                    key = VirtualKey(row)
+                except (ValueError, UsageError) as e:
+                    log.error("key %s is unusable: %s", row["id"], e)
+                    continue
+                by_hash[row["secret_hash"]] = key
+                by_id[key.id] = key
+            self.by_hash, self.by_id, self.version = by_hash, by_id, version
+            return True
 
     def lookup(self, secret: str) -> VirtualKey | None:
         digest = hash_secret(secret)
         key = self.by_hash.get(digest)
         if key is None:
-            # a key created a moment ago by another process
+            # perhaps a key created a moment ago by another process; another
+            # thread may have reloaded meanwhile, so look again either way
             try:
-                if self.refresh():
-                    key = self.by_hash.get(digest)
+                self.refresh()
             except sqlite3.Error as e:
                 log.warning("cannot read keys from the database: %s", e)
+            key = self.by_hash.get(digest)
         return key
 
 
@@ -3513,17 +3504,25 @@ class Gateway:
                          daemon=True).start()
 
     def _housekeeping(self) -> None:
-        """Pick up key changes from other processes; keep the WAL small."""
-        last_checkpoint = time.monotonic()
+        """Pick up key changes from other processes; keep the WAL small.
+
+        The gateway's own connections never checkpoint (a checkpoint in a
+        request thread would stall that request for milliseconds); this
+        thread does, on a connection of its own, without blocking writers.
+        """
+        checkpointer = connect(self.db_path, self.config.durability)
+        ticks = 0
         while not self.stopping.wait(0.25):
+            ticks += 1
             try:
                 self.keys.refresh()
-                if time.monotonic() - last_checkpoint > 60:
-                    last_checkpoint = time.monotonic()
-                    self.usage_log.checkpoint()
-                    self.auth_throttle.prune()
+                if ticks % 4 == 0:
+                    checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
             except sqlite3.Error as e:
-                log.warning("cannot read keys from the database: %s", e)
+                log.warning("database housekeeping failed: %s", e)
+            if ticks % 240 == 0:
+                self.auth_throttle.prune()
+        checkpointer.close()
 
     def serve_forever(self) -> None:
         sd_notify("READY=1")
@@ -4006,10 +4005,13 @@ Type=notify
 NotifyAccess=main
 User={user}
 Group={user}
-ExecStart={python} {script} --config {config} --db {db} serve
+# -I -S: ignore PYTHON* variables and site-packages; llmgw needs neither
+ExecStart={python} -I -S {script} --config {config} --db {db} serve
 ExecReload=/bin/kill -HUP $MAINPID
 Restart=on-failure
 TimeoutStopSec={stop_timeout}
+# fewer glibc heap arenas: a thread per connection need not mean a heap each
+Environment=MALLOC_ARENA_MAX=2
 StateDirectory=llmgw
 StateDirectoryMode=0700
 WorkingDirectory=/var/lib/llmgw

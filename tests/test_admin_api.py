@@ -78,6 +78,11 @@ def insert_usage(db_path, key, when, cost, model="test-model", count=1):
         conn.close()
 
 
+def at(*fields):
+    """A UTC datetime."""
+    return dt.datetime(*fields, tzinfo=dt.timezone.utc)
+
+
 def utc_midnight():
     return dt.datetime.now(dt.timezone.utc).replace(
         hour=0, minute=0, second=0, microsecond=0)
@@ -377,8 +382,7 @@ def test_usage_stats_match_stats_output_json(gw, upstream):
     b = create(gw, project="stats-b")
     for key, model in ((a, "gpt-4o-mini"), (a, "gpt-4o"), (b, "gpt-4o")):
         assert chat(gw, key, model)[0] == 200
-    insert_usage(gw.db_path, a, dt.datetime(2020, 3, 4, 12, tzinfo=dt.timezone.utc),
-                 2.0, model="gpt-4o")
+    insert_usage(gw.db_path, a, at(2020, 3, 4, 12), 2.0, model="gpt-4o")
 
     queries = [
         ("by=key&project=stats-a", ["--by", "key", "--project", "stats-a"]),
@@ -418,8 +422,7 @@ def test_usage_stats_refuse_an_unknown_grouping(gw, upstream):
 
 def test_usage_pages_through_every_row_once_in_order(gw, upstream):
     key = create(gw, project="paging")
-    insert_usage(gw.db_path, key, dt.datetime(2021, 1, 1, tzinfo=dt.timezone.utc),
-                 0.5, count=7)
+    insert_usage(gw.db_path, key, at(2021, 1, 1), 0.5, count=7)
     for _ in range(3):
         assert chat(gw, key)[0] == 200
     expected = [r["id"] for r in gw.rows("select id from usage order by id")]
@@ -448,10 +451,8 @@ def test_usage_pages_through_every_row_once_in_order(gw, upstream):
 
 def test_usage_since_returns_only_rows_from_that_time_on(gw, upstream):
     key = create(gw, project="since")
-    insert_usage(gw.db_path, key, dt.datetime(2019, 6, 1, tzinfo=dt.timezone.utc),
-                 1.0, count=2)
-    insert_usage(gw.db_path, key, dt.datetime(2019, 6, 3, tzinfo=dt.timezone.utc),
-                 1.0, count=3)
+    insert_usage(gw.db_path, key, at(2019, 6, 1), 1.0, count=2)
+    insert_usage(gw.db_path, key, at(2019, 6, 3), 1.0, count=3)
 
     status, _, page = admin_json(
         gw, "GET", "/admin/usage?since=2019-06-02&limit=1000")

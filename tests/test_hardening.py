@@ -7,6 +7,7 @@ http.client refuses to send most of them.  Every wait is bounded.
 
 import json
 import os
+import resource
 import select
 import socket
 import sqlite3
@@ -846,6 +847,54 @@ def test_a_reset_mid_stream_is_not_retried_with_another_key(multi, upstream):
 # 6. storage faults
 # ---------------------------------------------------------------------------
 
+def billable_during_fault(gw, key, upstream, fault_over, limit=12):
+    """Send billable requests while fault_over() is false.
+
+    Returns (statuses, uncommitted): the statuses seen, and the request ids
+    answered 200 whose usage row was not in the database when the answer
+    arrived (each one breaks "row committed before the last byte").
+    Checks that every 503 is storage_unavailable and reached no provider.
+    """
+    statuses, uncommitted = [], []
+    while not fault_over() and len(statuses) < limit:
+        before = len(upstream.requests)
+        status, headers, body = gw.request("POST", CHAT, chat_body(),
+                                           key=key, timeout=20)
+        statuses.append(status)
+        if status == 503:
+            obj = assert_json_error(body)
+            assert obj["error"]["code"] == "storage_unavailable"
+            assert len(upstream.requests) == before, \
+                "a request refused for storage still reached the provider"
+        else:
+            assert status == 200, (status, body)
+            found = query_db(gw.db_path, "select id from usage where "
+                             "request_id = ?",
+                             (headers["x-llmgw-request-id"],))
+            if not found:
+                uncommitted.append(headers["x-llmgw-request-id"])
+    return statuses, uncommitted
+
+
+def recover_and_count(gw, key, sent):
+    """After the fault: a billable request passes again, no row is lost."""
+    deadline = time.monotonic() + 5
+    status = body = None
+    while time.monotonic() < deadline:
+        status, _, body = gw.request("POST", CHAT, chat_body(), key=key)
+        sent += 1
+        if status == 200:
+            break
+        time.sleep(0.3)
+    assert status == 200, body
+    rows = gw.wait_rows(sent)
+    assert len(rows) == sent, "%d rows for %d billable requests" % (
+        len(rows), sent)
+    assert len(set(r["request_id"] for r in rows)) == sent
+    check = query_db(gw.db_path, "PRAGMA integrity_check")
+    assert list(check[0].values()) == ["ok"]
+
+
 def test_a_held_database_lock_never_loses_rows_and_the_gateway_recovers(
         gateway, upstream):
     gw = gateway()
@@ -867,7 +916,6 @@ def test_a_held_database_lock_never_loses_rows_and_the_gateway_recovers(
 
     thread = threading.Thread(target=release_later, daemon=True)
     thread.start()
-    billable = 1
     try:
         # authentication needs no write: keys are still recognised
         status, _, _ = gw.request("GET", "/v1/models", key=key)
@@ -876,44 +924,55 @@ def test_a_held_database_lock_never_loses_rows_and_the_gateway_recovers(
                                      key="sk-gw-not-a-key-" + "q" * 30)
         assert status == 401
         assert_json_error(body)
-        while not released.is_set():
-            status, headers, body = gw.request("POST", CHAT, chat_body(),
-                                               key=key, timeout=15)
-            billable += 1
-            request_id = headers.get("x-llmgw-request-id")
-            if status == 503:
-                obj = assert_json_error(body)
-                assert obj["error"]["code"] == "storage_unavailable"
-            else:
-                assert status == 200, (status, body)
-                # a 200 means its row was committed before the last byte
-                found = query_db(gw.db_path, "select id from usage where "
-                                 "request_id = ?", (request_id,))
-                assert found, ("a 200 was sent while its usage row was "
-                               "not committed (lock still held: %s)"
-                               % (not released.is_set()))
-            if billable > 20:
-                break
+        statuses, uncommitted = billable_during_fault(
+            gw, key, upstream, released.is_set)
     finally:
         hold.set()
         thread.join(10)
         locker.close()
 
-    # recovery without a restart
-    deadline = time.monotonic() + 5
-    status = None
-    while time.monotonic() < deadline:
+    recover_and_count(gw, key, 1 + len(statuses))
+    assert not uncommitted, (
+        "200 answers were sent before their usage rows were committed: %s"
+        % uncommitted)
+
+
+@pytest.mark.skipif(not hasattr(resource, "prlimit"),
+                    reason="needs resource.prlimit (Linux) to make the "
+                    "gateway's disk look full")
+def test_a_full_disk_fails_closed_with_503_and_recovers_by_itself(
+        gateway, upstream):
+    """RLIMIT_FSIZE 0 on the server makes every file write fail (EFBIG).
+
+    Python ignores SIGXFSZ, so SQLite sees a full disk; pipes (the log)
+    are not affected.
+    """
+    gw = gateway()
+    key = gw.create_key("diskfull")
+    assert gw.request("POST", CHAT, chat_body(), key=key)[0] == 200
+    assert len(gw.wait_rows(1)) == 1
+
+    pid = gw.proc.pid
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (0, hard))
+    try:
+        statuses, uncommitted = billable_during_fault(
+            gw, key, upstream, lambda: False, limit=4)
+        # the fault is still there: the next one must be refused too
         status, _, body = gw.request("POST", CHAT, chat_body(), key=key)
-        billable += 1
-        if status == 200:
-            break
-        time.sleep(0.3)
-    assert status == 200, body
-    rows = gw.wait_rows(billable)
-    assert len(rows) == billable
-    assert len(set(r["request_id"] for r in rows)) == billable
-    check = query_db(gw.db_path, "PRAGMA integrity_check")
-    assert list(check[0].values()) == ["ok"]
+        statuses.append(status)
+        assert status == 503, body
+        # a request that needs no usage row is still served
+        assert health_ok(gw)
+        assert gw.request("GET", "/v1/models", key=key)[0] == 200
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (soft, hard))
+
+    assert 503 in statuses
+    recover_and_count(gw, key, 1 + len(statuses))
+    assert not uncommitted, (
+        "200 answers were sent while their usage rows could not be "
+        "written: %s" % uncommitted)
 
 
 # ---------------------------------------------------------------------------

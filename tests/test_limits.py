@@ -8,6 +8,7 @@ input token, so every successful request costs exactly $1.
 """
 
 import datetime as dt
+import fnmatch
 import json
 import math
 import sqlite3
@@ -520,7 +521,6 @@ def test_model_allow_list_refuses_other_models_with_403(gw, upstream):
 
 
 def test_models_list_shows_only_the_models_a_key_may_use(gw, upstream):
-    import fnmatch
     restricted = gw.create_key("allow-list", "--models", "gpt-4o*,claude-*")
     free = gw.create_key("allow-list")
 
