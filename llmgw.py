@@ -922,9 +922,9 @@ class UsageLog:
     """Write usage rows with group commit.
 
     A request thread that records a row either finds a commit in progress
-    and waits for the next one, or becomes the leader and commits every row
-    queued so far in one transaction. A row is committed when record()
-    returns, and no thread waits for more than one commit behind its own.
+    and waits for it to end, or becomes the writer and commits every row
+    queued so far in one transaction. No thread waits for more than one
+    commit ahead of its own.
 
     When the database cannot be written (full disk, read-only file, a lock
     held too long), rows stay queued in memory and are written by the next
@@ -933,6 +933,7 @@ class UsageLog:
     """
 
     MAX_BACKLOG = 100000  # rows kept while the database cannot be written
+    PATIENCE_S = 10.0     # how long a request waits for a sick database
 
     def __init__(self, path: str, durability: str = "normal"):
         self.db = connect(path, durability, busy_timeout_s=2.0)
@@ -940,53 +941,67 @@ class UsageLog:
         self.db.execute("PRAGMA wal_autocheckpoint=0")
         self.cond = threading.Condition()
         self.pending = []
-        self.generation = 0      # the batch that new rows join
-        self.committed = 0       # every batch below this one is written
         self.writing = False
         self.healthy = True
         self.last_attempt = 0.0
-        self.listeners = []      # called with each committed row, in order
 
-    def record(self, row: tuple, wait: bool = True) -> None:
-        """Commit one row, or with wait=False queue it for the next commit."""
+    def record(self, row: tuple, wait: bool = True) -> bool:
+        """Commit one row; True once it is committed.
+
+        With wait=False the row is only queued for the next commit. When
+        the database keeps failing, give up after PATIENCE_S and return
+        False: the row stays queued and is written once the database
+        recovers.
+        """
         with self.cond:
-            if len(self.pending) < self.MAX_BACKLOG:
-                self.pending.append(row)
-            else:
+            if len(self.pending) >= self.MAX_BACKLOG:
                 log.error("usage backlog full: a row is lost")
+                return False
+            self.pending.append(row)
             if not wait:
-                return
-            mine = self.generation
-            while self.committed <= mine and self.writing:
-                self.cond.wait()
-            if self.committed > mine:
-                return
-            rows, upto = self._take()
-        self._finish(rows, upto)
+                return False
+        deadline = time.monotonic() + self.PATIENCE_S
+        while True:
+            with self.cond:
+                while self.writing:
+                    self.cond.wait()
+                if not any(r is row for r in self.pending):
+                    return True  # another thread's commit carried it
+                rows = self._take()
+            if self._finish(rows):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
+
+    def amend(self, row: tuple, new_row: tuple) -> None:
+        """Replace a row still waiting to be written."""
+        with self.cond:
+            for i, queued in enumerate(self.pending):
+                if queued is row:
+                    self.pending[i] = new_row
+                    return
 
     def flush(self) -> bool:
         """Commit whatever is queued (at shutdown, and to probe the disk)."""
         with self.cond:
             while self.writing:
                 self.cond.wait()
-            rows, upto = self._take()
-        return self._finish(rows, upto)
+            rows = self._take()
+        return self._finish(rows)
 
-    def _take(self) -> tuple:
+    def _take(self) -> list:
         """Become the only writer and take the queued rows (lock held)."""
         self.writing = True
         rows, self.pending = self.pending, []
-        self.generation += 1
-        return rows, self.generation
+        return rows
 
-    def _finish(self, rows: list, upto: int) -> bool:
+    def _finish(self, rows: list) -> bool:
         ok = self._write(rows) if rows else self._probe()
         with self.cond:
             self.writing = False
             if not ok:
                 self.pending[:0] = rows  # kept for the next commit
-            # on failure too: nobody should wait on a sick disk
-            self.committed = max(self.committed, upto)
             self.cond.notify_all()
         return ok
 
@@ -1009,9 +1024,6 @@ class UsageLog:
         if not self.healthy:
             log.warning("usage recording works again")
         self.healthy = True
-        for listener in self.listeners:
-            for row in rows:
-                listener(row)
         return True
 
     def available(self) -> bool:
@@ -2340,8 +2352,8 @@ class ConnectionHandler(BaseHTTPRequestHandler):
     def send_bytes(self, status: int, headers, body: bytes,
                    req: Request | None = None) -> None:
         """Send a whole response in one write (no Nagle stall)."""
-        if req is not None and not req.keep_alive:
-            self.close_connection = True
+        if req is not None and (not req.keep_alive or not req.body_read):
+            self.close_connection = True  # an unread body must not be parsed
         if req is not None and req.method == "HEAD":
             body_out = b""
         else:
@@ -2397,6 +2409,14 @@ class ConnectionHandler(BaseHTTPRequestHandler):
 # The proxy routes: authenticate, route, check limits, forward, relay the
 # answer, and record exactly one usage row per request that presented a
 # valid key. The row is committed before the response's last byte is sent.
+
+def storage_error() -> GatewayError:
+    return GatewayError(
+        503, "storage_unavailable",
+        "the gateway cannot record usage right now (database not "
+        "writable), so it serves no billable request; retry shortly",
+        headers=retry_headers(1.0))
+
 
 class ClientGone(Exception):
     """The client closed the connection while we were answering."""
@@ -2554,11 +2574,7 @@ class ProxyMixin:
                                " set default_provider in the config")
         ex.model = sent_model
         if not gw.usage_log.available():
-            raise GatewayError(503, "storage_unavailable",
-                               "the gateway cannot record usage right now "
-                               "(database not writable), so it serves no "
-                               "billable request; retry shortly",
-                               headers=retry_headers(1.0))
+            raise storage_error()
         ex.reserved = gw.limiter.admit(
             ex.key, sent_model, self.estimate_cost(ex, obj))
         body, strip = req.body, False
@@ -2718,6 +2734,12 @@ class ProxyMixin:
                                "provider %r sent an incomplete answer (%s)"
                                % (provider.name, type(e).__name__)) \
                 from None
+        if resp.length:
+            conn.close()  # http.client returns a short body without a fuss
+            raise GatewayError(502, "upstream_error",
+                               "provider %r closed its answer %d bytes "
+                               "short of its Content-Length"
+                               % (provider.name, resp.length))
         if resp.will_close:
             conn.close()
         else:
@@ -2735,7 +2757,8 @@ class ProxyMixin:
             ex.usage = usage_from_body(obj, ex.route.kind,
                                        provider.anthropic)
         ex.first_byte()
-        self.finish_exchange(ex)
+        if not self.finish_exchange(ex):
+            raise storage_error()
         headers = self.response_headers(resp)
         try:
             self.send_bytes(resp.status, headers, body, ex.req)
@@ -2787,7 +2810,9 @@ class ProxyMixin:
                 ex.usage = usage_from(obj, provider.anthropic)
             except (ValueError, IndexError):
                 pass
-        self.finish_exchange(ex)
+        if not self.finish_exchange(ex):
+            self.close_connection = True  # the client sees a cut answer
+            return
         self.write_client(self.frame(held, chunked) +
                           (b"0\r\n\r\n" if chunked else b""))
 
@@ -2846,7 +2871,9 @@ class ProxyMixin:
             ex.error = "upstream_truncated"
         rest = meter.rest()
         ex.first_byte()
-        self.finish_exchange(ex)
+        if not self.finish_exchange(ex):
+            self.close_connection = True  # the client sees a cut stream
+            return
         self.write_client(pending + self.frame(rest, chunked) +
                           (b"0\r\n\r\n" if chunked else b""))
 
@@ -2879,10 +2906,15 @@ class ProxyMixin:
 
     # accounting
 
-    def finish_exchange(self, ex: Exchange) -> None:
-        """Write the usage row (once) and settle the key's limits."""
+    def finish_exchange(self, ex: Exchange) -> bool:
+        """Write the usage row (once) and settle the key's limits.
+
+        Returns False when the row could not be committed: the caller must
+        not then send the response's last byte. The row stays queued, marked
+        as refused for storage, and is written once the database recovers.
+        """
         if ex.recorded:
-            return
+            return True
         ex.recorded = True
         gw = self.gw
         usage = ex.usage
@@ -2897,10 +2929,17 @@ class ProxyMixin:
                round(ex.ttfb_ms, 3) if ex.ttfb_ms is not None else None,
                round(latency_ms, 3), int(ex.streamed), int(usage.estimated),
                ex.upstream_request_id, ex.error)
-        gw.usage_log.record(row, wait=ex.error != "storage_unavailable")
+        wait = ex.error != "storage_unavailable"
+        committed = gw.usage_log.record(row, wait)
         gw.limiter.settle(ex.key.id, ex.reserved, cost, usage.total())
         ex.reserved = 0.0
         ex.cost_usd = cost
+        if wait and not committed:
+            ex.status, ex.error = 503, "storage_unavailable"
+            gw.usage_log.amend(row, row[:7] + (503,) + row[8:-1] +
+                               ("storage_unavailable",))
+            return False
+        return True
 
 
 # ===== admin
@@ -3288,6 +3327,57 @@ class AccessFormatter(logging.Formatter):
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
+
+
+class BackgroundLogHandler(logging.Handler):
+    """Format and write log records in a thread of their own.
+
+    A request thread only appends its record to a queue, so writing the
+    access log (a syscall, often to a pipe) never delays a response; lines
+    that pile up are written together. close() writes what is left.
+    """
+
+    def __init__(self, stream):
+        super().__init__()
+        self.stream = stream
+        self.records = collections.deque()
+        self.wake = threading.Event()
+        self.stopped = False
+        self.thread = threading.Thread(target=self._run, name="llmgw-log",
+                                       daemon=True)
+        self.thread.start()
+
+    def emit(self, record):
+        self.records.append(record)
+        self.wake.set()
+
+    def _run(self) -> None:
+        while not self.stopped:
+            self.wake.wait()
+            self.wake.clear()
+            self._drain()
+
+    def _drain(self) -> None:
+        lines = []
+        while self.records:
+            record = self.records.popleft()
+            try:
+                lines.append(self.format(record))
+            except Exception:  # a broken record must not stop the log
+                self.handleError(record)
+        if lines:
+            try:
+                self.stream.write("\n".join(lines) + "\n")
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass  # stderr is gone; nothing better to do
+
+    def close(self):
+        self.stopped = True
+        self.wake.set()
+        self.thread.join(timeout=2)
+        self._drain()
+        super().close()
 
 
 class Handler(ProxyMixin, AdminMixin, ConnectionHandler):
@@ -3731,7 +3821,7 @@ def cmd_serve(args) -> int:
     for warning in config.warnings:
         log.warning("config: %s", warning)
     log_format = args.log_format or config.log_format
-    setup_logging(log_format, args.verbose)
+    setup_logging(log_format, args.verbose, background=True)
     host, _, port = config.listen.rpartition(":")
     host = (args.host or host or "127.0.0.1").strip("[]")
     port = int(args.port if args.port is not None else port)
@@ -3770,6 +3860,8 @@ def cmd_serve(args) -> int:
     gateway.serve_forever()
     gateway.usage_log.close()
     log.info("stopped")
+    for handler in log.handlers:
+        handler.close()
     return 0
 
 
@@ -4239,8 +4331,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def setup_logging(log_format: str = "text", verbose: bool = False) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+def setup_logging(log_format: str = "text", verbose: bool = False,
+                  background: bool = False) -> None:
+    if background:
+        handler = BackgroundLogHandler(sys.stderr)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(AccessFormatter(log_format == "json"))
     log.handlers[:] = [handler]
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
