@@ -1979,7 +1979,7 @@ class UpstreamPool:
     def __init__(self, connect_timeout: float, read_timeout: float):
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
-        self.ssl_context = ssl.create_default_context()
+        self._ssl_context = None  # loading the trust store takes a while
         self.idle = {}
         self.lock = threading.Lock()
 
@@ -1995,9 +1995,11 @@ class UpstreamPool:
                     return conn, True
                 conn.close()
         if provider.scheme == "https":
+            if self._ssl_context is None:
+                self._ssl_context = ssl.create_default_context()
             conn = http.client.HTTPSConnection(
                 provider.host, provider.port, timeout=self.connect_timeout,
-                context=self.ssl_context)
+                context=self._ssl_context)
         else:
             conn = http.client.HTTPConnection(
                 provider.host, provider.port, timeout=self.connect_timeout)
@@ -2458,6 +2460,18 @@ class Exchange:
             self.ttfb_ms = (time.monotonic() - self.req.started) * 1000
 
 
+def read_upstream(read) -> bytes:
+    """One read of a provider's answer that has started reaching the client."""
+    try:
+        return read(65536)
+    except socket.timeout:
+        raise UpstreamFailed("upstream_timeout",
+                             "provider went silent mid-answer") from None
+    except (OSError, http.client.HTTPException):
+        raise UpstreamFailed("upstream_reset",
+                             "provider cut its answer short") from None
+
+
 def client_secret(headers: dict) -> str | None:
     """The virtual key from any of the headers clients put it in."""
     auth = headers.get("authorization")
@@ -2786,14 +2800,7 @@ class ProxyMixin:
             self.write_client(head)
             held = first
             while True:
-                try:
-                    data = resp.read(65536)
-                except socket.timeout:
-                    raise UpstreamFailed("upstream_timeout",
-                                         "provider stopped sending")
-                except (OSError, http.client.HTTPException):
-                    raise UpstreamFailed("upstream_reset",
-                                         "provider cut the answer short")
+                data = read_upstream(resp.read)
                 if not data:
                     break
                 self.write_client(self.frame(held, chunked))
@@ -2835,14 +2842,7 @@ class ProxyMixin:
         finished = False
         try:
             while True:
-                try:
-                    data = resp.read1(65536)
-                except socket.timeout:
-                    raise UpstreamFailed("upstream_timeout",
-                                         "provider went silent mid-stream")
-                except (OSError, http.client.HTTPException):
-                    raise UpstreamFailed("upstream_reset",
-                                         "provider cut the stream short")
+                data = read_upstream(resp.read1)
                 if not data:
                     break
                 out = meter.feed(data)
@@ -3333,28 +3333,28 @@ class BackgroundLogHandler(logging.Handler):
     """Format and write log records in a thread of their own.
 
     A request thread only appends its record to a queue, so writing the
-    access log (a syscall, often to a pipe) never delays a response; lines
-    that pile up are written together. close() writes what is left.
+    access log (a syscall, often to a pipe) never delays a response. The
+    writer wakes every INTERVAL_S and writes what piled up in one go, so a
+    busy gateway pays one write per interval, not one per request. close()
+    writes what is left.
     """
+
+    INTERVAL_S = 0.05
 
     def __init__(self, stream):
         super().__init__()
         self.stream = stream
         self.records = collections.deque()
-        self.wake = threading.Event()
-        self.stopped = False
+        self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="llmgw-log",
                                        daemon=True)
         self.thread.start()
 
     def emit(self, record):
         self.records.append(record)
-        self.wake.set()
 
     def _run(self) -> None:
-        while not self.stopped:
-            self.wake.wait()
-            self.wake.clear()
+        while not self.stopped.wait(self.INTERVAL_S):
             self._drain()
 
     def _drain(self) -> None:
@@ -3373,8 +3373,7 @@ class BackgroundLogHandler(logging.Handler):
                 pass  # stderr is gone; nothing better to do
 
     def close(self):
-        self.stopped = True
-        self.wake.set()
+        self.stopped.set()
         self.thread.join(timeout=2)
         self._drain()
         super().close()
