@@ -1953,6 +1953,95 @@ STALE_CONNECTION_ERRORS = (http.client.RemoteDisconnected,
                            ConnectionAbortedError)
 
 
+class ResponseHeaders:
+    """The few methods http.client needs of a response's header fields."""
+
+    __slots__ = ("fields", "by_name")
+
+    def __init__(self, fields: list):
+        self.fields = fields
+        self.by_name = {}
+        for name, value in fields:
+            self.by_name.setdefault(name.lower(), []).append(value)
+
+    def get(self, name, default=None):
+        values = self.by_name.get(name.lower())
+        return values[0] if values else default
+
+    def get_all(self, name, failobj=None):
+        return self.by_name.get(name.lower(), failobj)
+
+    def items(self):
+        return list(self.fields)
+
+
+class UpstreamResponse(http.client.HTTPResponse):
+    """http.client's response, reading header fields without email.parser.
+
+    The email package is general and slow: it cost more than all the rest
+    of the Python work of a proxied request. Provider answers are plain
+    HTTP/1.1, so this reads fields into a small mapping, with the same
+    framing rules as http.client (RFC 9112, section 6.3).
+    """
+
+    def begin(self):
+        if self.headers is not None:
+            return
+        while True:
+            version, status, reason = self._read_status()
+            if status != http.client.CONTINUE:
+                break
+            self._read_fields()  # the interim 100 response's
+        self.code = self.status = status
+        self.reason = reason.strip()
+        if version in ("HTTP/1.0", "HTTP/0.9"):
+            self.version = 10
+        elif version.startswith("HTTP/1."):
+            self.version = 11
+        else:
+            raise http.client.UnknownProtocol(version)
+        self.headers = self.msg = ResponseHeaders(self._read_fields())
+        encoding = self.headers.get("transfer-encoding")
+        self.chunked = bool(encoding) and encoding.lower() == "chunked"
+        self.chunk_left = None
+        self.will_close = self._check_close()
+        self.length = None
+        length = self.headers.get("content-length")
+        if length and not self.chunked:
+            length = length.strip()
+            self.length = int(length) if length.isdigit() else None
+        if status in (204, 304) or 100 <= status < 200 or \
+                self._method == "HEAD":
+            self.length = 0
+        if not self.will_close and not self.chunked and self.length is None:
+            self.will_close = True  # the body ends when the connection does
+
+    def _read_fields(self) -> list:
+        fields = []
+        for _ in range(MAX_HEADER_COUNT + 1):
+            line = self.fp.readline(MAX_HEADER_BYTES + 1)
+            if len(line) > MAX_HEADER_BYTES:
+                raise http.client.LineTooLong("header line")
+            if line in (b"\r\n", b"\n", b""):
+                return fields
+            name, _, value = line.decode("iso-8859-1").partition(":")
+            if name[:1] in (" ", "\t") and fields:  # obsolete folding
+                fields[-1] = (fields[-1][0], fields[-1][1] + " " +
+                              line.decode("iso-8859-1").strip())
+                continue
+            fields.append((name.strip(), value.strip()))
+        raise http.client.HTTPException("more than %d header fields"
+                                        % MAX_HEADER_COUNT)
+
+
+class UpstreamHTTPConnection(http.client.HTTPConnection):
+    response_class = UpstreamResponse
+
+
+class UpstreamHTTPSConnection(http.client.HTTPSConnection):
+    response_class = UpstreamResponse
+
+
 def alive(conn) -> bool:
     """False when an idle connection was closed by the provider.
 
@@ -1997,11 +2086,11 @@ class UpstreamPool:
         if provider.scheme == "https":
             if self._ssl_context is None:
                 self._ssl_context = ssl.create_default_context()
-            conn = http.client.HTTPSConnection(
+            conn = UpstreamHTTPSConnection(
                 provider.host, provider.port, timeout=self.connect_timeout,
                 context=self._ssl_context)
         else:
-            conn = http.client.HTTPConnection(
+            conn = UpstreamHTTPConnection(
                 provider.host, provider.port, timeout=self.connect_timeout)
         return conn, False
 
@@ -2692,6 +2781,11 @@ class ProxyMixin:
                     ssl.SSLCertVerificationError):
                 conn.close()
                 raise
+            except ValueError:  # http.client refuses the header value
+                conn.close()
+                raise GatewayError(400, "invalid_request",
+                                   "a request header holds a character "
+                                   "that cannot be forwarded") from None
             except (OSError, http.client.HTTPException) as e:
                 conn.close()
                 raise GatewayError(
