@@ -3413,8 +3413,9 @@ class AccessFormatter(logging.Formatter):
                 obj["traceback"] = self.formatException(record.exc_info)
             return json.dumps(obj)
         if fields is not None:
-            text = " ".join("%s=%s" % (k, escape_control(v))
-                            for k, v in fields.items() if v is not None)
+            text = escape_control(" ".join(
+                ["%s=%s" % item for item in fields.items()
+                 if item[1] is not None]))
         else:
             text = escape_control(record.getMessage())
         line = "%s %s %s" % (stamp, record.levelname.lower(), text)
