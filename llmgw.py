@@ -2526,7 +2526,7 @@ class Exchange:
 
     __slots__ = ("req", "route", "key", "model", "usage", "status",
                  "error", "streamed", "ttfb_ms", "upstream_request_id",
-                 "reserved", "body_obj", "recorded", "cost_usd")
+                 "reserved", "body_obj", "recorded", "cost_usd", "meter")
 
     def __init__(self, req: Request, route: Route, key: VirtualKey):
         self.req = req
@@ -2543,6 +2543,7 @@ class Exchange:
         self.body_obj = None
         self.recorded = False
         self.cost_usd = None
+        self.meter = None  # the StreamMeter of a streamed answer
 
     def first_byte(self) -> None:
         if self.ttfb_ms is None:
@@ -2631,6 +2632,7 @@ class ProxyMixin:
                 headers={"x-should-retry": "false"})
         ex = Exchange(req, route, key)
         self.exchange = ex
+        gw.exchanges.add(ex)
         try:
             self._proxy(ex)
         except GatewayError as err:
@@ -2653,6 +2655,7 @@ class ProxyMixin:
             self.finish_exchange(ex)
             raise
         finally:
+            gw.exchanges.discard(ex)
             if ex.reserved:
                 gw.limiter.release(key.id, ex.reserved)
 
@@ -2927,6 +2930,7 @@ class ProxyMixin:
         ex.streamed = True
         meter = StreamMeter(provider.anthropic,
                             ex.route.kind.startswith("/responses"), strip)
+        ex.meter, ex.usage = meter, meter.usage  # seen live at shutdown
         chunked = ex.req.version == "HTTP/1.1"
         if not chunked:
             self.close_connection = True
@@ -2952,9 +2956,8 @@ class ProxyMixin:
             ex.error = "client_disconnected"
             raise
         finally:
-            ex.usage = meter.usage
             if not meter.final:
-                self.estimate_usage(ex, meter)
+                estimate_usage(ex)
             if finished and not resp.will_close:
                 self.gw.pool.put(provider, conn)
             else:
@@ -2970,17 +2973,6 @@ class ProxyMixin:
             return
         self.write_client(pending + self.frame(rest, chunked) +
                           (b"0\r\n\r\n" if chunked else b""))
-
-    def estimate_usage(self, ex: Exchange, meter: StreamMeter) -> None:
-        """Fill in tokens the provider never reported."""
-        usage = ex.usage
-        if not usage.reported:
-            usage.input = estimate_tokens(request_text_chars(ex.body_obj))
-            usage.estimated = True
-        estimate = estimate_tokens(meter.text_chars)
-        if estimate > usage.output:
-            usage.output = estimate
-            usage.estimated = True
 
     @staticmethod
     def frame(data: bytes, chunked: bool) -> bytes:
@@ -2998,42 +2990,56 @@ class ProxyMixin:
         except OSError:
             raise ClientGone() from None
 
-    # accounting
-
     def finish_exchange(self, ex: Exchange) -> bool:
-        """Write the usage row (once) and settle the key's limits.
+        return record_exchange(self.gw, ex)
 
-        Returns False when the row could not be committed: the caller must
-        not then send the response's last byte. The row stays queued, marked
-        as refused for storage, and is written once the database recovers.
-        """
+
+def estimate_usage(ex: Exchange) -> None:
+    """Fill in tokens the provider never reported for a cut stream."""
+    usage = ex.usage
+    if not usage.reported:
+        usage.input = estimate_tokens(request_text_chars(ex.body_obj))
+        usage.estimated = True
+    if ex.meter is not None:
+        estimate = estimate_tokens(ex.meter.text_chars)
+        if estimate > usage.output:
+            usage.output = estimate
+            usage.estimated = True
+
+
+def record_exchange(gw, ex: Exchange) -> bool:
+    """Write an exchange's usage row (once) and settle the key's limits.
+
+    Returns False when the row could not be committed: the caller must not
+    then send the response's last byte. The row stays queued, marked as
+    refused for storage, and is written once the database recovers.
+    """
+    with gw.record_lock:  # the request's thread, or shutdown, not both
         if ex.recorded:
             return True
         ex.recorded = True
-        gw = self.gw
-        usage = ex.usage
-        now = time.monotonic()
-        latency_ms = (now - ex.req.started) * 1000
-        cost = gw.prices.cost(ex.model, usage)
-        provider = ex.route.provider.name if ex.route.provider else None
-        row = (iso(utcnow()), ex.req.id, ex.key.id, ex.key.project,
-               provider, ex.model, ex.req.path, ex.status or 0,
-               usage.input, usage.output, usage.cached, usage.cache_write,
-               usage.reasoning, cost,
-               round(ex.ttfb_ms, 3) if ex.ttfb_ms is not None else None,
-               round(latency_ms, 3), int(ex.streamed), int(usage.estimated),
-               ex.upstream_request_id, ex.error)
-        wait = ex.error != "storage_unavailable"
-        committed = gw.usage_log.record(row, wait)
-        gw.limiter.settle(ex.key.id, ex.reserved, cost, usage.total())
-        ex.reserved = 0.0
-        ex.cost_usd = cost
-        if wait and not committed:
-            ex.status, ex.error = 503, "storage_unavailable"
-            gw.usage_log.amend(row, row[:7] + (503,) + row[8:-1] +
-                               ("storage_unavailable",))
-            return False
-        return True
+    usage = ex.usage
+    latency_ms = (time.monotonic() - ex.req.started) * 1000
+    cost = gw.prices.cost(ex.model, usage)
+    provider = ex.route.provider.name if ex.route.provider else None
+    row = (iso(utcnow()), ex.req.id, ex.key.id, ex.key.project,
+           provider, ex.model, ex.req.path, ex.status or 0,
+           usage.input, usage.output, usage.cached, usage.cache_write,
+           usage.reasoning, cost,
+           round(ex.ttfb_ms, 3) if ex.ttfb_ms is not None else None,
+           round(latency_ms, 3), int(ex.streamed), int(usage.estimated),
+           ex.upstream_request_id, ex.error)
+    wait = ex.error != "storage_unavailable"
+    committed = gw.usage_log.record(row, wait)
+    gw.limiter.settle(ex.key.id, ex.reserved, cost, usage.total())
+    ex.reserved = 0.0
+    ex.cost_usd = cost
+    if wait and not committed:
+        ex.status, ex.error = 503, "storage_unavailable"
+        gw.usage_log.amend(row, row[:7] + (503,) + row[8:-1] +
+                           ("storage_unavailable",))
+        return False
+    return True
 
 
 # ===== admin
@@ -3638,6 +3644,8 @@ class Gateway:
         self.auth_throttle = AuthThrottle()
         self.watchdog = Watchdog()
         self.idle_connections = set()
+        self.exchanges = set()  # proxied requests in flight
+        self.record_lock = threading.Lock()
         self.draining = False
         self.stopping = threading.Event()
         self.server = None
@@ -3742,8 +3750,14 @@ class Gateway:
                     pass
             time.sleep(0.05)
         if self.server.connections:
-            log.warning("drain timeout: %d connections still open",
+            log.warning("drain timeout: %d connections still open; their "
+                        "requests are recorded as cut by shutdown",
                         self.server.connections)
+        for ex in list(self.exchanges):
+            if not ex.recorded:
+                ex.error = ex.error or "shutdown"
+                estimate_usage(ex)
+                record_exchange(self, ex)
         self.usage_log.flush()
         self.watchdog.stopped.set()
         self.pool.close()
