@@ -107,7 +107,10 @@ def utcnow() -> dt.datetime:
 
 def iso(t: dt.datetime) -> str:
     """Format a UTC time the way the database stores it."""
-    return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    t = t.astimezone(dt.timezone.utc)
+    # %-formatting: several times faster than strftime, and this is per row
+    return "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ" % (
+        t.year, t.month, t.day, t.hour, t.minute, t.second, t.microsecond)
 
 
 def parse_time(text: str, end_of_day: bool = False) -> dt.datetime:
