@@ -3408,9 +3408,10 @@ class AccessFormatter(logging.Formatter):
         self.as_json = as_json
 
     def format(self, record):
-        when = dt.datetime.fromtimestamp(record.created, dt.timezone.utc)
-        stamp = when.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (
-            when.microsecond // 1000)
+        t = time.gmtime(record.created)
+        stamp = "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ" % (
+            t.tm_year, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min, t.tm_sec,
+            record.msecs)
         fields = getattr(record, "access", None)
         if self.as_json:
             obj = {"time": stamp, "level": record.levelname.lower()}
