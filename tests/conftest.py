@@ -8,16 +8,26 @@
     run_cli       run_cli(*args, input=None, env=None) -> (rc, out, err)
     gateway       gateway(config=None, env=None, ...) -> a running Gateway
 
+Helpers for test modules: ServeProcess (a `serve` subprocess; Gateway is
+one with --config and --db), start_gateway and module_gateway (one gateway
+shared by a module), new_key (a virtual key made through the admin API),
+key_rows, insert_usage_rows, chat, poll, raw_exchange, closed_port,
+openai_error, file_mode and assert_one_line_error.
+
 Every subprocess gets a clean environment: no *_API_KEY, no LLMGW_*, no
 proxy variables, no NOTIFY_SOCKET, so a developer's real keys never reach
 llmgw.  Tests add what they need with env={...}.
 """
 
+import contextlib
+import http.client
 import json
 import os
 import re
 import signal
+import socket
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -25,7 +35,7 @@ import time
 
 import pytest
 
-from fakes import FakeUpstream, http_request, http_stream
+from fakes import FakeUpstream, header_dict, http_request, http_stream
 
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -40,6 +50,10 @@ ANTHROPIC_UPSTREAM_KEY = "sk-ant-upstream-test-0001"
 READY_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
 CLI_TIMEOUT_S = 60.0
+
+# How long a change made by another process may take to reach a running
+# gateway: DESIGN.md says one second; the rest is slack for a loaded CI box.
+PROPAGATION_S = 1.5
 
 _LISTENING = re.compile(r"listening on (https?)://127\.0\.0\.1:(\d+)")
 
@@ -146,6 +160,82 @@ def query_db(db_path, sql, params=()):
         conn.close()
 
 
+def insert_usage_rows(db_path, rows):
+    """Write usage rows (dicts of column: value) straight into a database."""
+    conn = sqlite3.connect(db_path)
+    try:
+        with conn:
+            for row in rows:
+                columns = list(row)
+                conn.execute(
+                    "insert into usage (%s) values (%s)"
+                    % (", ".join(columns), ",".join("?" * len(columns))),
+                    [row[column] for column in columns])
+    finally:
+        conn.close()
+
+
+def poll(send, accept, timeout=PROPAGATION_S, interval=0.05):
+    """Call send() until accept(result) (bounded); return the last result."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = send()
+        if accept(result) or time.monotonic() >= deadline:
+            return result
+        time.sleep(interval)
+
+
+def closed_port():
+    """A local port nothing listens on."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return port
+
+
+def raw_exchange(port, data, timeout=5.0):
+    """Send raw bytes to 127.0.0.1:port; parse one response.
+
+    Returns (status, headers dict with lower-case names, body bytes).
+    """
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        sock.sendall(data)
+        resp = http.client.HTTPResponse(sock)
+        resp.begin()
+        content = resp.read()
+        return resp.status, header_dict(resp.msg), content
+    finally:
+        sock.close()
+
+
+def openai_error(obj, code):
+    """Check a parsed OpenAI-shaped error and its code; return the error."""
+    assert set(obj) == {"error"}, obj
+    err = obj["error"]
+    assert set(err) >= {"message", "type", "param", "code"}, err
+    assert err["code"] == code, err
+    assert isinstance(err["message"], str) and err["message"], err
+    return err
+
+
+def file_mode(path):
+    """The permission bits of a file, e.g. 0o600."""
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def assert_one_line_error(rc, err, *words):
+    """Exit 1, one stderr line `llmgw: error: ...` naming every word."""
+    assert rc == 1, err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, "expected one error line, got:\n" + err
+    assert lines[0].startswith("llmgw: error:"), err
+    for word in words:
+        assert word.lower() in lines[0].lower(), (word, err)
+
+
 class _Drain(object):
     """Reads a pipe in a thread into a buffer, so it can never fill up."""
 
@@ -195,30 +285,26 @@ class _Drain(object):
 # the running gateway
 # ---------------------------------------------------------------------------
 
-class Gateway(object):
-    """One `llmgw.py serve` subprocess and helpers to talk to it.
+class ServeProcess(object):
+    """One `llmgw.py ... serve` subprocess: started, read and stopped.
 
-    Attributes: url, scheme, port, db_path, config_path, config (the dict
-    written), admin_key, proc, workdir.
+    args are the llmgw.py arguments before `serve`; the server listens on
+    127.0.0.1, port 0, and the constructor returns once it says where.
+    Attributes: url, scheme, port, proc, env.
     """
 
-    def __init__(self, config, config_path, db_path, workdir, env=None,
-                 args=(), ready_timeout=READY_TIMEOUT_S):
-        self.config = config
-        self.config_path = config_path
-        self.db_path = db_path
-        self.workdir = workdir
+    def __init__(self, args, cwd, env=None, serve_args=(),
+                 ready_timeout=READY_TIMEOUT_S):
         self.env = dict(env or {})
-        self.admin_key = config.get("admin_key")
         self.port = None
         self.url = None
         self.scheme = None
-        cmd = [sys.executable, LLMGW, "--config", config_path,
-               "--db", db_path, "serve", "--host", "127.0.0.1",
-               "--port", "0"] + [str(arg) for arg in args]
+        cmd = ([sys.executable, LLMGW] + [str(arg) for arg in args]
+               + ["serve", "--host", "127.0.0.1", "--port", "0"]
+               + [str(arg) for arg in serve_args])
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, env=clean_env(self.env), cwd=workdir)
+            stderr=subprocess.PIPE, env=clean_env(self.env), cwd=str(cwd))
         self._stderr = _Drain(self.proc.stderr, "gw-stderr")
         self._stdout = _Drain(self.proc.stdout, "gw-stdout")
         self._wait_ready(ready_timeout)
@@ -236,6 +322,29 @@ class Gateway(object):
         self.port = int(match.group(2))
         self.url = "%s://127.0.0.1:%d" % (self.scheme, self.port)
 
+    def signal(self, signum):
+        """Send a signal to the server process (if it still runs)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
+
+    def stop(self, timeout=STOP_TIMEOUT_S):
+        """SIGTERM, wait (bounded), then SIGKILL; return the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._stderr.join(2)
+        self._stdout.join(2)
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+        return self.proc.returncode
+
     # --- output ----------------------------------------------------------
 
     def stderr_text(self):
@@ -250,6 +359,25 @@ class Gateway(object):
         """Wait (bounded) for a regex in stderr; return the match or None."""
         regex = re.compile(pattern)
         return self._stderr.wait_for(regex.search, timeout)
+
+
+class Gateway(ServeProcess):
+    """`llmgw.py --config --db serve` and helpers to talk to it.
+
+    Attributes: url, scheme, port, db_path, config_path, config (the dict
+    written), admin_key, proc, workdir.
+    """
+
+    def __init__(self, config, config_path, db_path, workdir, env=None,
+                 args=(), ready_timeout=READY_TIMEOUT_S):
+        self.config = config
+        self.config_path = config_path
+        self.db_path = db_path
+        self.workdir = workdir
+        self.admin_key = config.get("admin_key")
+        ServeProcess.__init__(
+            self, ["--config", config_path, "--db", db_path], workdir,
+            env=env, serve_args=args, ready_timeout=ready_timeout)
 
     # --- HTTP ------------------------------------------------------------
 
@@ -322,40 +450,56 @@ class Gateway(object):
     def wait_rows(self, count, sql="select * from usage", params=(),
                   timeout=5.0):
         """Poll (bounded) until the query returns at least count rows."""
-        deadline = time.monotonic() + timeout
-        while True:
+        def found():
             try:
-                found = self.rows(sql, params)
+                return self.rows(sql, params)
             except sqlite3.OperationalError:
-                found = []
-            if len(found) >= count or time.monotonic() >= deadline:
-                return found
-            time.sleep(0.05)
+                return []
+        return poll(found, lambda rows: len(rows) >= count, timeout)
 
-    # --- lifecycle -------------------------------------------------------
 
-    def signal(self, signum):
-        """Send a signal to the server process (if it still runs)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signum)
+def start_gateway(upstream, workdir, overrides=None):
+    """A Gateway in workdir whose config is base_config + overrides."""
+    config = merge_config(base_config(upstream), overrides)
+    path = write_config(str(workdir / "llmgw.json"), config)
+    return Gateway(config, path, str(workdir / "llmgw.db"), str(workdir))
 
-    def stop(self, timeout=STOP_TIMEOUT_S):
-        """SIGTERM, wait (bounded), then SIGKILL; return the exit status."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._stderr.join(2)
-        self._stdout.join(2)
-        for pipe in (self.proc.stdout, self.proc.stderr):
-            try:
-                pipe.close()
-            except OSError:
-                pass
-        return self.proc.returncode
+
+@contextlib.contextmanager
+def module_gateway(upstream, tmp_path_factory, name, overrides=None):
+    """A gateway in a new folder `name`, stopped when the block ends.
+
+    For module-scoped fixtures: `with module_gateway(...) as gw: yield gw`.
+    """
+    gateway = start_gateway(upstream, tmp_path_factory.mktemp(name),
+                            overrides)
+    try:
+        yield gateway
+    finally:
+        gateway.stop()
+
+
+def new_key(gateway, project, **fields):
+    """Create a virtual key through the admin API; return its dict."""
+    body = dict(fields, project=project)
+    status, _, content = gateway.admin("POST", "/admin/virtual-keys", body)
+    assert status == 201, content
+    return json.loads(content.decode("utf-8"))
+
+
+def key_rows(gateway, key, count=1, timeout=5.0):
+    """The usage rows of one key, oldest first (waits for count rows)."""
+    return gateway.wait_rows(
+        count, "select * from usage where key_id = ? order by id",
+        (key["id"],), timeout=timeout)
+
+
+def chat(gateway, key, model="gpt-4o-mini"):
+    """POST a one-message /v1/chat/completions; (status, headers, body)."""
+    return gateway.request("POST", "/v1/chat/completions",
+                           {"model": model,
+                            "messages": [{"role": "user", "content": "hi"}]},
+                           key=key)
 
 
 # ---------------------------------------------------------------------------

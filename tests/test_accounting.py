@@ -10,14 +10,13 @@ Prices are read from llmgw.BUILTIN_PRICES, so a change of price does not
 break these tests but a change of arithmetic does.
 """
 
-import json
 import os
 import re
 import sys
 
 import pytest
 
-from conftest import Gateway, base_config, merge_config, write_config
+from conftest import key_rows, module_gateway, new_key
 from fakes import Reply
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
@@ -54,31 +53,18 @@ CONFIG_PRICES = {"my-finetune": {"input": 3.0, "output": 12.0,
 
 @pytest.fixture(scope="module")
 def gw(upstream_server, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("accounting-gw")
-    config = merge_config(base_config(upstream_server),
-                          {"prices": CONFIG_PRICES})
-    path = write_config(str(workdir / "llmgw.json"), config)
-    gateway = Gateway(config, path, str(workdir / "llmgw.db"), str(workdir))
-    yield gateway
-    gateway.stop()
+    with module_gateway(upstream_server, tmp_path_factory, "accounting-gw",
+                        {"prices": CONFIG_PRICES}) as gateway:
+        yield gateway
 
 
 @pytest.fixture
 def key(gw, upstream):
-    status, _, content = gw.admin("POST", "/admin/virtual-keys",
-                                  {"project": "acct-project"})
-    assert status == 201, content
-    return json.loads(content.decode("utf-8"))
-
-
-def rows_of(gateway, key, count=1, timeout=10.0):
-    return gateway.wait_rows(
-        count, "select * from usage where key_id = ? order by id",
-        (key["id"],), timeout=timeout)
+    return new_key(gw, "acct-project")
 
 
 def one_row(gateway, key, timeout=10.0):
-    rows = rows_of(gateway, key, 1, timeout)
+    rows = key_rows(gateway, key, 1, timeout)
     assert len(rows) == 1, rows
     return rows[0]
 
@@ -170,7 +156,7 @@ def test_sequential_requests_leave_one_row_each(gw, upstream, key):
                        key=key)
     assert events.status == 200
 
-    rows = rows_of(gw, key, 6)
+    rows = key_rows(gw, key, 6, timeout=10.0)
     assert len(rows) == 6
     assert len(set(row["request_id"] for row in rows)) == 6
     assert sorted(row["upstream_request_id"] for row in rows) == \

@@ -7,11 +7,10 @@ its own project name, so listings and statistics can be told apart.
 import datetime as dt
 import json
 import re
-import sqlite3
 
 import pytest
 
-from conftest import Gateway, base_config, merge_config, write_config
+from conftest import chat, insert_usage_rows, module_gateway, openai_error
 
 
 PRICES = {"test-model": {"input": 1000000, "output": 0}}
@@ -24,12 +23,9 @@ PRICES = {"test-model": {"input": 1000000, "output": 0}}
 @pytest.fixture(scope="module")
 def gw(upstream_server, tmp_path_factory):
     """One gateway for the module; "test-model" costs $1 per input token."""
-    workdir = tmp_path_factory.mktemp("admin")
-    config = merge_config(base_config(upstream_server), {"prices": PRICES})
-    path = write_config(str(workdir / "llmgw.json"), config)
-    gateway = Gateway(config, path, str(workdir / "llmgw.db"), str(workdir))
-    yield gateway
-    gateway.stop()
+    with module_gateway(upstream_server, tmp_path_factory, "admin",
+                        {"prices": PRICES}) as gateway:
+        yield gateway
 
 
 def admin_json(gw, method, path, body=None):
@@ -45,37 +41,14 @@ def create(gw, **fields):
     return key
 
 
-def openai_error(obj, code):
-    assert set(obj) == {"error"}, obj
-    err = obj["error"]
-    assert set(err) >= {"message", "type", "param", "code"}, err
-    assert err["code"] == code, err
-    assert isinstance(err["message"], str) and err["message"], err
-    return err
-
-
-def chat(gw, key, model="gpt-4o-mini"):
-    return gw.request("POST", "/v1/chat/completions",
-                      {"model": model,
-                       "messages": [{"role": "user", "content": "hi"}]},
-                      key=key)
-
-
 def insert_usage(db_path, key, when, cost, model="test-model", count=1):
     """Write usage rows for key straight into the database."""
-    conn = sqlite3.connect(db_path)
-    try:
-        with conn:
-            for _ in range(count):
-                conn.execute(
-                    "insert into usage (ts, request_id, key_id, project, "
-                    "provider, model, route, status, input_tokens, "
-                    "output_tokens, cost_usd) values (?,?,?,?,?,?,?,?,?,?,?)",
-                    (when.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "req_inserted",
-                     key["id"], key["project"], "openai", model,
-                     "/v1/chat/completions", 200, 1, 0, cost))
-    finally:
-        conn.close()
+    row = {"ts": when.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+           "request_id": "req_inserted", "key_id": key["id"],
+           "project": key["project"], "provider": "openai", "model": model,
+           "route": "/v1/chat/completions", "status": 200,
+           "input_tokens": 1, "output_tokens": 0, "cost_usd": cost}
+    insert_usage_rows(db_path, [row] * count)
 
 
 def at(*fields):

@@ -13,21 +13,15 @@ import io
 import json
 import re
 import sqlite3
-import time
 
 import pytest
 
-from conftest import Gateway, base_config, query_db, run_llmgw, write_config
-
-CHAT = {"model": "gpt-4o-mini",
-        "messages": [{"role": "user", "content": "hi"}]}
+from conftest import (assert_one_line_error, insert_usage_rows,
+                      module_gateway, poll, query_db, run_llmgw)
+from conftest import chat as chat_request
 
 SECRET_RE = re.compile(r"^sk-gw-[A-Za-z0-9_-]{32,}$")
 ID_RE = re.compile(r"^key_[0-9a-f]{8}$")
-
-# how long a CLI change may take to reach a running gateway (DESIGN: 1 s),
-# with a little slack for the poll itself
-PROPAGATION_S = 1.5
 
 
 # ---------------------------------------------------------------------------
@@ -37,12 +31,8 @@ PROPAGATION_S = 1.5
 @pytest.fixture(scope="module")
 def shared_gw(upstream_server, tmp_path_factory):
     """One running gateway for the key tests of this module."""
-    workdir = tmp_path_factory.mktemp("cli-gw")
-    config = base_config(upstream_server)
-    path = write_config(str(workdir / "llmgw.json"), config)
-    gw = Gateway(config, path, str(workdir / "llmgw.db"), str(workdir))
-    yield gw
-    gw.stop()
+    with module_gateway(upstream_server, tmp_path_factory, "cli-gw") as gw:
+        yield gw
 
 
 @pytest.fixture
@@ -76,8 +66,7 @@ def one_key(parsed):
 
 
 def chat(gw, secret):
-    status, _, body = gw.request("POST", "/v1/chat/completions", CHAT,
-                                 key=secret)
+    status, _, body = chat_request(gw, secret)
     return status, body
 
 
@@ -88,29 +77,14 @@ def error_code(body):
         return None
 
 
-def wait_for_status(gw, secret, want, timeout=PROPAGATION_S):
+def wait_for_status(gw, secret, want):
     """Send requests (bounded) until one gets `want`; return the last."""
-    deadline = time.monotonic() + timeout
-    while True:
-        status, body = chat(gw, secret)
-        if status == want or time.monotonic() >= deadline:
-            return status, body
-        time.sleep(0.05)
+    return poll(lambda: chat(gw, secret), lambda answer: answer[0] == want)
 
 
 def parse_ts(text):
     text = text.replace("Z", "+00:00")
     return dt.datetime.fromisoformat(text)
-
-
-def assert_one_line_error(rc, err, *words):
-    assert rc == 1, err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, "expected one error line, got:\n" + err
-    assert lines[0].startswith("llmgw: error:"), err
-    for word in words:
-        assert word.lower() in lines[0].lower(), (word, err)
 
 
 # ---------------------------------------------------------------------------
@@ -467,23 +441,21 @@ def stats_db(tmp_path_factory):
     db = str(folder / "stats.db")
     rc, _, err = run_llmgw(["--db", db, "keys", "list"], cwd=str(folder))
     assert rc == 0, err
-    conn = sqlite3.connect(db)
-    with conn:
-        for n, row in enumerate(USAGE_ROWS):
-            (ts, key_id, project, provider, model, status, inp, out, cached,
-             cache_write, reasoning, cost, error) = row
-            conn.execute(
-                "insert into usage (ts, request_id, key_id, project, "
-                "provider, model, route, status, input_tokens, "
-                "output_tokens, cached_input_tokens, cache_write_tokens, "
-                "reasoning_tokens, cost_usd, ttfb_ms, latency_ms, streamed, "
-                "estimated, upstream_request_id, error) values "
-                "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (ts, "req_%d" % n, key_id, project, provider, model,
-                 "/v1/chat/completions", status, inp, out, cached,
-                 cache_write, reasoning, cost, 10.0, 20.0, 0, 0,
-                 "up_%d" % n, error))
-    conn.close()
+    rows = []
+    for n, row in enumerate(USAGE_ROWS):
+        (ts, key_id, project, provider, model, status, inp, out, cached,
+         cache_write, reasoning, cost, error) = row
+        rows.append({
+            "ts": ts, "request_id": "req_%d" % n, "key_id": key_id,
+            "project": project, "provider": provider, "model": model,
+            "route": "/v1/chat/completions", "status": status,
+            "input_tokens": inp, "output_tokens": out,
+            "cached_input_tokens": cached, "cache_write_tokens": cache_write,
+            "reasoning_tokens": reasoning, "cost_usd": cost,
+            "ttfb_ms": 10.0, "latency_ms": 20.0, "streamed": 0,
+            "estimated": 0, "upstream_request_id": "up_%d" % n,
+            "error": error})
+    insert_usage_rows(db, rows)
     return db
 
 

@@ -9,15 +9,13 @@ and where the config file and the database are looked for.
 import json
 import os
 import re
-import stat
-import subprocess
 import sys
 
 import pytest
 
-from conftest import (LLMGW, READY_TIMEOUT_S, STOP_TIMEOUT_S, Gateway,
-                      _Drain, _LISTENING, base_config, clean_env,
-                      merge_config, query_db, write_config)
+from conftest import (Gateway, ServeProcess, assert_one_line_error,
+                      base_config, file_mode, merge_config, query_db,
+                      write_config)
 from fakes import http_request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,25 +35,6 @@ ENV_ACME_KEY = "sk-acme-fromenv0123456789abcdeflmno"
 # helpers
 # ---------------------------------------------------------------------------
 
-def mode_of(path):
-    return stat.S_IMODE(os.stat(path).st_mode)
-
-
-def error_lines(err):
-    return [line for line in err.splitlines() if line.strip()]
-
-
-def assert_one_line_error(rc, err, *words):
-    """Exit 1, one stderr line `llmgw: error: ...` naming every word."""
-    assert rc == 1, err
-    assert "Traceback" not in err, err
-    lines = error_lines(err)
-    assert len(lines) == 1, "expected one error line, got:\n" + err
-    assert lines[0].startswith("llmgw: error:"), err
-    for word in words:
-        assert word.lower() in lines[0].lower(), (word, err)
-
-
 def providers_of(shown):
     """`config show --output json` providers as {name: entry}."""
     providers = shown["providers"]
@@ -71,44 +50,15 @@ def rows_of(parsed):
     return parsed
 
 
-class Served(object):
+class Served(ServeProcess):
     """`llmgw.py serve --port 0` with no --config/--db, in a chosen folder."""
 
     def __init__(self, cwd, env=None, args=()):
-        self.proc = subprocess.Popen(
-            [sys.executable, LLMGW] + list(args) +
-            ["serve", "--host", "127.0.0.1", "--port", "0"],
-            cwd=str(cwd), env=clean_env(env), stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self._err = _Drain(self.proc.stderr, "served-stderr")
-        self._out = _Drain(self.proc.stdout, "served-stdout")
-        match = self._err.wait_for(_LISTENING.search, READY_TIMEOUT_S)
-        if not match:
-            self.stop()
-            raise AssertionError("serve did not start; stderr:\n"
-                                 + self.stderr_text())
-        self.port = int(match.group(2))
-
-    def stderr_text(self):
-        return self._err.text()
+        ServeProcess.__init__(self, args, cwd, env)
 
     def get(self, path, headers=None):
         return http_request("127.0.0.1", self.port, "GET", path,
                             headers=headers, timeout=10)
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._err.join(2)
-        self._out.join(2)
-        for pipe in (self.proc.stdout, self.proc.stderr):
-            pipe.close()
-        return self.proc.returncode
 
 
 @pytest.fixture
@@ -142,10 +92,10 @@ def test_serve_in_an_empty_folder_creates_a_private_database_and_answers_health(
         "MISTRAL_API_KEY": "sk-zero-config-mistral-00000002222"})
 
     assert db.exists()
-    assert mode_of(str(db)) == 0o600
+    assert file_mode(str(db)) == 0o600
     for extra in ("-wal", "-shm"):
         if os.path.exists(str(db) + extra):
-            assert mode_of(str(db) + extra) == 0o600, extra
+            assert file_mode(str(db) + extra) == 0o600, extra
 
     status, _headers, body = served.get("/health")
     assert status == 200
@@ -190,7 +140,7 @@ def test_init_writes_a_private_config_with_a_fresh_admin_key_printed_once(
     assert rc == 0, err
 
     config_path = tmp_path / "llmgw.json"
-    assert mode_of(str(config_path)) == 0o600
+    assert file_mode(str(config_path)) == 0o600
     admin_key = json.loads(config_path.read_text())["admin_key"]
     assert isinstance(admin_key, str) and len(admin_key) >= 32
     assert (out + err).count(admin_key) == 1
@@ -198,7 +148,7 @@ def test_init_writes_a_private_config_with_a_fresh_admin_key_printed_once(
     # init also creates the database, privately
     db = tmp_path / "llmgw.db"
     assert db.exists()
-    assert mode_of(str(db)) == 0o600
+    assert file_mode(str(db)) == 0o600
 
     # a second install gets a different admin key
     other = tmp_path / "other"
@@ -238,7 +188,7 @@ def test_init_force_replaces_the_admin_key_and_keeps_the_file_private(
     new_key = json.loads(config_path.read_text())["admin_key"]
     assert new_key != old_key
     assert (out + err).count(new_key) == 1
-    assert mode_of(str(config_path)) == 0o600
+    assert file_mode(str(config_path)) == 0o600
 
 
 def test_init_writes_the_file_named_by_config(tmp_path, run_cli):
@@ -248,7 +198,7 @@ def test_init_writes_the_file_named_by_config(tmp_path, run_cli):
     rc, out, err = run_cli("--config", str(target), "init")
 
     assert rc == 0, err
-    assert mode_of(str(target)) == 0o600
+    assert file_mode(str(target)) == 0o600
     assert json.loads(target.read_text())["admin_key"] in out + err
     assert not (tmp_path / "llmgw.json").exists()
 
@@ -351,7 +301,7 @@ def test_set_key_with_dash_reads_the_key_from_stdin_and_the_gateway_uses_it(
 
     assert rc == 0, err
     assert secret not in out + err
-    assert mode_of(config_path) == 0o600
+    assert file_mode(config_path) == 0o600
     with open(config_path) as handle:
         saved = json.load(handle)
     # what was there stays there
@@ -379,7 +329,7 @@ def test_set_key_creates_a_private_llmgw_json_in_the_current_folder(
 
     assert rc == 0, err
     path = tmp_path / "llmgw.json"
-    assert mode_of(str(path)) == 0o600
+    assert file_mode(str(path)) == 0o600
     assert secret not in out + err
     rc, out, err = run_cli("config", "list-keys", "--output", "json")
     assert rc == 0, err
@@ -400,7 +350,7 @@ def test_set_key_makes_an_existing_readable_config_private(tmp_path, run_cli):
                          input="sk-readable-0123456789abcdefgh\n")
 
     assert rc == 0, err
-    assert mode_of(path) == 0o600
+    assert file_mode(path) == 0o600
     with open(path) as handle:
         assert json.load(handle)["listen"] == "127.0.0.1:8123"
 
@@ -662,4 +612,4 @@ def test_db_flag_wins_over_env_which_wins_over_the_config_database(
 def test_without_any_setting_the_database_is_llmgw_db_in_the_current_folder(
         tmp_path, run_cli):
     assert _key_db(tmp_path, run_cli) == ["llmgw.db"]
-    assert mode_of(str(tmp_path / "llmgw.db")) == 0o600
+    assert file_mode(str(tmp_path / "llmgw.db")) == 0o600

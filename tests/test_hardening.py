@@ -11,29 +11,18 @@ import resource
 import select
 import socket
 import sqlite3
-import stat
 import threading
 import time
 
 import pytest
 
 from conftest import (ADMIN_KEY, ANTHROPIC_UPSTREAM_KEY, OPENAI_UPSTREAM_KEY,
-                      Gateway, base_config, merge_config, query_db,
-                      write_config)
+                      closed_port, file_mode, poll, query_db, start_gateway)
 from fakes import Reply, error_body, http_request
 
 
 CHAT = "/v1/chat/completions"
 MULTI_CHAT = "/multi/v1/chat/completions"
-
-
-def closed_port():
-    """A local port nothing listens on."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +31,8 @@ def shared_gateways(tmp_path_factory, upstream_server):
     started = []
 
     def start(config=None):
-        workdir = tmp_path_factory.mktemp("gw")
-        merged = merge_config(base_config(upstream_server), config)
-        path = write_config(str(workdir / "llmgw.json"), merged)
-        gw = Gateway(merged, path, str(workdir / "llmgw.db"), str(workdir))
+        gw = start_gateway(upstream_server, tmp_path_factory.mktemp("gw"),
+                           config)
         started.append(gw)
         return gw
 
@@ -184,6 +171,16 @@ def assert_json_error(body, anthropic=False):
     return obj
 
 
+def raw_answer(port, data, timeout=5.0):
+    """Send data on a new raw connection; return its one response."""
+    raw = Raw(port, timeout)
+    try:
+        raw.send(data)
+        return raw.response()
+    finally:
+        raw.close()
+
+
 def exchange_refused_and_closed(port, data, expected_status):
     """Send data, expect one JSON error with expected_status, then a close."""
     raw = Raw(port)
@@ -284,12 +281,7 @@ def test_headers_over_32_kib_are_refused_with_431(gw):
 def test_ninety_small_headers_are_still_served(gw):
     headers = [("Host", "gw")] + [("X-Filler-%d" % i, "v")
                                   for i in range(89)]
-    raw = Raw(gw.port)
-    try:
-        raw.send(head("GET", "/health", headers))
-        status, _, body = raw.response()
-    finally:
-        raw.close()
+    status, _, body = raw_answer(gw.port, head("GET", "/health", headers))
     assert status == 200
     assert json.loads(body)["status"] == "ok"
 
@@ -308,15 +300,10 @@ def test_a_chunked_body_is_decoded_and_forwarded_whole(gw, upstream):
     key = gw.key
     body = chat_body(text="chunked hello")
     data = json.dumps(body).encode()
-    raw = Raw(gw.port)
-    try:
-        raw.send(head("POST", CHAT, [
-            ("Host", "gw"), ("Authorization", "Bearer " + key["secret"]),
-            ("Content-Type", "application/json"),
-            ("Transfer-Encoding", "chunked")]) + chunked(data))
-        status, _, content = raw.response()
-    finally:
-        raw.close()
+    status, _, content = raw_answer(gw.port, head("POST", CHAT, [
+        ("Host", "gw"), ("Authorization", "Bearer " + key["secret"]),
+        ("Content-Type", "application/json"),
+        ("Transfer-Encoding", "chunked")]) + chunked(data))
     assert status == 200, content
     assert json.loads(content)["object"] == "chat.completion"
     assert upstream.last.body == data
@@ -392,13 +379,8 @@ def test_a_body_left_unread_by_a_refusal_is_never_parsed_as_a_request(
     try:
         if case == "revoked-key":
             # the revocation reaches the server within a second
-            deadline = time.monotonic() + 3
-            while time.monotonic() < deadline:
-                status, _, _ = gw.request("GET", "/v1/models",
-                                          key=key["secret"])
-                if status == 401:
-                    break
-                time.sleep(0.1)
+            poll(lambda: gw.request("GET", "/v1/models", key=key["secret"]),
+                 lambda answer: answer[0] == 401, timeout=3, interval=0.1)
         raw.send(head(method, path, headers) + body)
         first = raw.response()
         if first is not None:
@@ -535,12 +517,7 @@ def test_past_max_connections_a_new_client_gets_503_until_others_close(
         for _ in range(5):
             idle.append(socket.create_connection(("127.0.0.1", gw.port),
                                                  timeout=5))
-        raw = Raw(gw.port)
-        try:
-            raw.send(head("GET", "/health", [("Host", "gw")]))
-            answer = raw.response()
-        finally:
-            raw.close()
+        answer = raw_answer(gw.port, head("GET", "/health", [("Host", "gw")]))
         if answer is not None:
             status, headers, body = answer
             assert status == 503, (status, body)
@@ -550,18 +527,15 @@ def test_past_max_connections_a_new_client_gets_503_until_others_close(
         for sock in idle:
             sock.close()
     # service resumes once the idle clients are gone
-    deadline = time.monotonic() + 5
-    status = None
-    while time.monotonic() < deadline:
+    def health_status():
         try:
-            status, _, _ = http_request("127.0.0.1", gw.port, "GET",
-                                        "/health", timeout=2)
+            return http_request("127.0.0.1", gw.port, "GET", "/health",
+                                timeout=2)[0]
         except OSError:
-            status = None
-        if status == 200:
-            break
-        time.sleep(0.1)
-    assert status == 200
+            return None
+
+    assert poll(health_status, lambda status: status == 200, timeout=5,
+                interval=0.1) == 200
 
 
 # ---------------------------------------------------------------------------
@@ -609,12 +583,8 @@ def test_control_characters_in_a_model_name_are_escaped_in_the_json_log(
     "/v1/chat\x1b[2Jcompletions", "/v1/%0aFORGED-LINE", "/v1/\x07models"])
 def test_a_path_with_control_characters_is_refused_and_logged_escaped(
         gw, upstream, target):
-    raw = Raw(gw.port)
-    try:
-        raw.send(head("GET", target, [("Host", "gw")]))
-        status, headers, body = raw.response()
-    finally:
-        raw.close()
+    status, headers, body = raw_answer(gw.port,
+                                       head("GET", target, [("Host", "gw")]))
     assert status == 400, body
     assert_json_error(body)
     assert "status=400" in access_line(gw, headers["x-llmgw-request-id"])
@@ -634,37 +604,42 @@ def only_row(gw, request_id):
     return rows[0]
 
 
-def test_an_unreachable_provider_gives_502_and_one_error_row(gw):
-    status, headers, body = gw.request(
-        "POST", "/deadprov/v1/chat/completions", chat_body(),
-        key=gw.key)
-    assert status == 502
-    assert assert_json_error(body)["error"]["code"] == "upstream_error"
+def assert_error_answer(gw, answer, status, code):
+    """A gateway error: its status and JSON code, and one row with both."""
+    got, headers, body = answer
+    assert got == status
+    assert assert_json_error(body)["error"]["code"] == code
     row = only_row(gw, headers["x-llmgw-request-id"])
-    assert row["status"] == 502 and row["error"] == "upstream_error"
+    assert row["status"] == status and row["error"] == code
+
+
+def cut_stream_row(gw, events):
+    """A stream cut short (200, no [DONE]); return its one usage row."""
+    assert events.status == 200
+    assert "[DONE]" not in events.data()
+    return only_row(gw, events.headers["x-llmgw-request-id"])
+
+
+def test_an_unreachable_provider_gives_502_and_one_error_row(gw):
+    answer = gw.request("POST", "/deadprov/v1/chat/completions", chat_body(),
+                        key=gw.key)
+    assert_error_answer(gw, answer, 502, "upstream_error")
     assert health_ok(gw)
 
 
 def test_a_reset_before_the_status_line_gives_502_and_one_error_row(
         gw, upstream):
     upstream.set_default(Reply(reset_before_status=True))
-    status, headers, body = gw.request("POST", CHAT, chat_body(),
-                                           key=gw.key)
-    assert status == 502
-    assert assert_json_error(body)["error"]["code"] == "upstream_error"
-    row = only_row(gw, headers["x-llmgw-request-id"])
-    assert row["status"] == 502 and row["error"] == "upstream_error"
+    answer = gw.request("POST", CHAT, chat_body(), key=gw.key)
+    assert_error_answer(gw, answer, 502, "upstream_error")
     assert health_ok(gw)
 
 
 def test_a_reset_mid_stream_cuts_the_client_stream_and_records_one_row(
         gw, upstream):
     upstream.queue(Reply(reset_after=2))
-    events = gw.stream(CHAT, chat_body(stream=True), key=gw.key,
-                           timeout=10)
-    assert events.status == 200
-    assert "[DONE]" not in events.data()
-    row = only_row(gw, events.headers["x-llmgw-request-id"])
+    events = gw.stream(CHAT, chat_body(stream=True), key=gw.key, timeout=10)
+    row = cut_stream_row(gw, events)
     assert row["error"] == "upstream_reset"
     assert row["streamed"] == 1
     assert row["input_tokens"] > 0 and row["estimated"] == 1
@@ -674,36 +649,24 @@ def test_a_reset_mid_stream_cuts_the_client_stream_and_records_one_row(
 def test_a_provider_silent_past_the_read_timeout_gives_504_and_one_row(
         gw, upstream):
     upstream.queue(Reply(stall=4))
-    status, headers, body = gw.request("POST", CHAT, chat_body(),
-                                           key=gw.key, timeout=10)
-    assert status == 504
-    assert assert_json_error(body)["error"]["code"] == "upstream_timeout"
-    row = only_row(gw, headers["x-llmgw-request-id"])
-    assert row["status"] == 504 and row["error"] == "upstream_timeout"
+    answer = gw.request("POST", CHAT, chat_body(), key=gw.key, timeout=10)
+    assert_error_answer(gw, answer, 504, "upstream_timeout")
     assert health_ok(gw)
 
 
 def test_a_stream_going_silent_past_the_read_timeout_is_cut_and_recorded(
         gw, upstream):
     upstream.queue(Reply(pause=(2, 4)))
-    events = gw.stream(CHAT, chat_body(stream=True), key=gw.key,
-                           timeout=10)
-    assert events.status == 200
-    assert "[DONE]" not in events.data()
-    row = only_row(gw, events.headers["x-llmgw-request-id"])
-    assert row["error"] == "upstream_timeout"
+    events = gw.stream(CHAT, chat_body(stream=True), key=gw.key, timeout=10)
+    assert cut_stream_row(gw, events)["error"] == "upstream_timeout"
     assert health_ok(gw)
 
 
 def test_garbage_instead_of_json_gives_502_and_one_error_row(
         gw, upstream):
     upstream.queue(Reply(garbage=True))
-    status, headers, body = gw.request("POST", CHAT, chat_body(),
-                                           key=gw.key)
-    assert status == 502
-    assert assert_json_error(body)["error"]["code"] == "upstream_error"
-    row = only_row(gw, headers["x-llmgw-request-id"])
-    assert row["status"] == 502 and row["error"] == "upstream_error"
+    answer = gw.request("POST", CHAT, chat_body(), key=gw.key)
+    assert_error_answer(gw, answer, 502, "upstream_error")
     assert health_ok(gw)
 
 
@@ -711,10 +674,8 @@ def test_a_truncated_stream_is_relayed_as_is_and_recorded_as_truncated(
         gw, upstream):
     upstream.queue(Reply(truncate=True))
     events = gw.stream(CHAT, chat_body(stream=True), key=gw.key)
-    assert events.status == 200
-    assert "[DONE]" not in events.data()
+    row = cut_stream_row(gw, events)
     assert events.json(), "the events before the cut must reach the client"
-    row = only_row(gw, events.headers["x-llmgw-request-id"])
     assert row["error"] == "upstream_truncated"
     assert health_ok(gw)
 
@@ -746,35 +707,26 @@ def test_a_provider_500_is_passed_through_unchanged(gw, upstream):
 def test_a_provider_redirect_is_not_followed_and_gives_502(gw, upstream):
     location = upstream.url + "/elsewhere/v1/chat/completions"
     upstream.queue(Reply.redirect(location))
-    status, headers, body = gw.request("POST", CHAT, chat_body(),
-                                           key=gw.key)
-    assert status == 502
-    assert assert_json_error(body)["error"]["code"] == "upstream_error"
+    answer = gw.request("POST", CHAT, chat_body(), key=gw.key)
+    assert_error_answer(gw, answer, 502, "upstream_error")
     seen = upstream.requests
     assert len(seen) == 1
     assert not any("elsewhere" in rec.path for rec in seen)
-    row = only_row(gw, headers["x-llmgw-request-id"])
-    assert row["status"] == 502 and row["error"] == "upstream_error"
     assert health_ok(gw)
 
 
 def test_an_absurd_content_length_ends_in_an_error_not_a_hang(
         gw, upstream):
     upstream.queue(Reply(content_length=10 ** 9))
-    raw = Raw(gw.port, timeout=10)
     data = json.dumps(chat_body()).encode()
     try:
-        raw.send(head("POST", CHAT, [
+        answer = raw_answer(gw.port, head("POST", CHAT, [
             ("Host", "gw"), ("Authorization",
                              "Bearer " + gw.key["secret"]),
             ("Content-Type", "application/json"),
-            ("Content-Length", str(len(data)))]) + data)
-        try:
-            answer = raw.response()
-        except socket.timeout:
-            pytest.fail("the gateway neither answered nor closed")
-    finally:
-        raw.close()
+            ("Content-Length", str(len(data)))]) + data, timeout=10)
+    except socket.timeout:
+        pytest.fail("the gateway neither answered nor closed")
     assert answer is not None or upstream.requests, \
         "the request never reached the provider"
     if answer is not None:
@@ -998,10 +950,6 @@ def test_a_full_disk_fails_closed_with_503_and_recovers_by_itself(
 # 7. secrets
 # ---------------------------------------------------------------------------
 
-def file_mode(path):
-    return stat.S_IMODE(os.stat(path).st_mode)
-
-
 def test_no_secret_ever_reaches_a_log_a_file_or_a_response(
         gateway, upstream, run_cli, tmp_path):
     gw = gateway()
@@ -1053,12 +1001,9 @@ def test_no_secret_ever_reaches_a_log_a_file_or_a_response(
 
     # the rotated-away secrets stop working within a second or so
     for old in (cli_key["secret"], api_key["secret"]):
-        deadline = time.monotonic() + 3
-        while True:
-            status = keep(*gw.request("POST", CHAT, chat_body(), key=old))
-            if status == 401 or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
+        status = poll(
+            lambda: keep(*gw.request("POST", CHAT, chat_body(), key=old)),
+            lambda status: status == 401, timeout=3, interval=0.1)
         assert status == 401
 
     # keys that must all be refused, in every header a client may use

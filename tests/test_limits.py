@@ -11,13 +11,14 @@ import datetime as dt
 import fnmatch
 import json
 import math
-import sqlite3
 import threading
 import time
 
 import pytest
 
-from conftest import Gateway, base_config, merge_config, write_config
+from conftest import key_rows, module_gateway, poll
+from conftest import chat as chat_request, insert_usage_rows
+from conftest import openai_error as check_openai_error
 from fakes import Reply
 
 
@@ -25,10 +26,6 @@ PRICES = {
     "test-model": {"input": 1000000, "output": 0},
     "claude-test": {"input": 1000000, "output": 0},
 }
-
-# How long a change made by another process may take to reach a running
-# gateway: DESIGN.md says one second; the rest is slack for a loaded CI box.
-PROPAGATION_S = 1.5
 
 
 # ---------------------------------------------------------------------------
@@ -38,12 +35,9 @@ PROPAGATION_S = 1.5
 @pytest.fixture(scope="module")
 def gw(upstream_server, tmp_path_factory):
     """One gateway for the module, with the $1-per-request price table."""
-    workdir = tmp_path_factory.mktemp("limits")
-    config = merge_config(base_config(upstream_server), {"prices": PRICES})
-    path = write_config(str(workdir / "llmgw.json"), config)
-    gateway = Gateway(config, path, str(workdir / "llmgw.db"), str(workdir))
-    yield gateway
-    gateway.stop()
+    with module_gateway(upstream_server, tmp_path_factory, "limits",
+                        {"prices": PRICES}) as gateway:
+        yield gateway
 
 
 def dollar_requests(upstream):
@@ -57,10 +51,7 @@ def dollar_requests(upstream):
 
 def chat(gw, key, model="test-model"):
     """POST /v1/chat/completions; return (status, headers, body bytes)."""
-    return gw.request("POST", "/v1/chat/completions",
-                      {"model": model,
-                       "messages": [{"role": "user", "content": "hi"}]},
-                      key=key)
+    return chat_request(gw, key, model)
 
 
 def messages(gw, key, model="claude-test"):
@@ -73,13 +64,7 @@ def messages(gw, key, model="claude-test"):
 
 def openai_error(body, code):
     """Check the OpenAI error shape and code; return the error object."""
-    obj = json.loads(body.decode("utf-8"))
-    assert set(obj) == {"error"}, obj
-    err = obj["error"]
-    assert set(err) >= {"message", "type", "param", "code"}, err
-    assert err["code"] == code, err
-    assert isinstance(err["message"], str) and err["message"], err
-    return err
+    return check_openai_error(json.loads(body.decode("utf-8")), code)
 
 
 def anthropic_error(body, kind, code):
@@ -91,12 +76,6 @@ def anthropic_error(body, kind, code):
     assert err["code"] == code, err
     assert isinstance(err["message"], str) and err["message"], err
     return err
-
-
-def key_rows(gw, key, count=0):
-    """The usage rows of one key, oldest first (waits for count rows)."""
-    return gw.wait_rows(count, "select * from usage where key_id = ? "
-                        "order by id", (key["id"],))
 
 
 def assert_refusal_row(row, status, kind):
@@ -114,16 +93,6 @@ def show_key(gw, key):
     code, out, err = gw.cli("keys", "show", key["id"], "--output", "json")
     assert code == 0, err
     return json.loads(out)
-
-
-def poll(send, accept, timeout=PROPAGATION_S):
-    """Call send() until accept(result) (bounded); return the last result."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = send()
-        if accept(result) or time.monotonic() >= deadline:
-            return result
-        time.sleep(0.05)
 
 
 def utc_midnight(now=None):
@@ -229,19 +198,12 @@ def test_each_budget_period_starts_fresh_while_a_total_budget_counts_all(
                (week, week_start - second, 5.0),
                (month, month_start - second, 5.0),
                (total, today - dt.timedelta(days=3), 5.0)]
-    conn = sqlite3.connect(tmp_db)
-    try:
-        with conn:
-            for key, when, cost in history:
-                conn.execute(
-                    "insert into usage (ts, request_id, key_id, project, "
-                    "provider, model, route, status, input_tokens, "
-                    "output_tokens, cost_usd) values (?,?,?,?,?,?,?,?,?,?,?)",
-                    (ts(when), "req_old", key["id"], "history", "openai",
-                     "test-model", "/v1/chat/completions", 200,
-                     int(cost), 0, cost))
-    finally:
-        conn.close()
+    insert_usage_rows(tmp_db, [
+        {"ts": ts(when), "request_id": "req_old", "key_id": key["id"],
+         "project": "history", "provider": "openai", "model": "test-model",
+         "route": "/v1/chat/completions", "status": 200,
+         "input_tokens": int(cost), "output_tokens": 0, "cost_usd": cost}
+        for key, when, cost in history])
 
     gw = gateway(config={"prices": PRICES}, db_path=tmp_db)
 
@@ -585,7 +547,7 @@ def test_expiry_set_with_keys_update_reaches_a_running_gateway(gw, upstream):
 
     assert status == 401
     openai_error(body, "key_expired")
-    rows = key_rows(gw, key)
+    rows = key_rows(gw, key, 0)
     assert_refusal_row(rows[-1], 401, "key_expired")
 
 
@@ -605,7 +567,7 @@ def test_revoked_key_is_refused_as_revoked_and_the_refusal_recorded(
     status, _, body = messages(gw, key, "claude-3-5-haiku-latest")
     assert status == 401
     anthropic_error(body, "authentication_error", "key_revoked")
-    rows = key_rows(gw, key)
+    rows = key_rows(gw, key, 0)
     assert_refusal_row(rows[-1], 401, "key_revoked")
     assert_refusal_row(rows[-2], 401, "key_revoked")
 
@@ -631,7 +593,7 @@ def test_refusals_are_counted_as_errors_in_stats_by_key(gw, upstream):
     assert entry["requests"] == 3
     assert entry["errors"] == 2
     assert entry["input_tokens"] == 21 and entry["output_tokens"] == 9
-    kinds = sorted(r["error"] for r in key_rows(gw, key) if r["error"])
+    kinds = sorted(r["error"] for r in key_rows(gw, key, 0) if r["error"])
     assert kinds == ["model_not_allowed", "rate_limit_exceeded"]
 
 

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from conftest import (OPENAI_UPSTREAM_KEY, merge_config, query_db,
+from conftest import (OPENAI_UPSTREAM_KEY, merge_config, poll, query_db,
                       write_config)
 from fakes import DEFAULT_TEXT, Reply
 
@@ -228,12 +228,9 @@ def test_sighup_reloads_the_config_without_dropping_a_keep_alive_connection(
         write_config(gw.config_path, config)
         gw.signal(signal.SIGHUP)
         # wait (bounded) until the new route answers on other connections
-        deadline = time.monotonic() + 5
-        while True:
-            status, _, _ = gw.request("GET", "/newprov/v1/models", key=key)
-            if status == 200 or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
+        status = poll(
+            lambda: gw.request("GET", "/newprov/v1/models", key=key)[0],
+            lambda status: status == 200, timeout=5)
         assert status == 200, gw.stderr_text()
 
         conn.request("POST", "/newprov/v1/chat/completions",
@@ -515,16 +512,15 @@ def test_metrics_count_requests_tokens_cost_latency_and_in_flight(
     assert len(rows) == 4
 
     # metrics are counted as each request ends: wait (bounded) for all four
-    deadline = time.monotonic() + 5
-    while True:
-        types, samples = get_metrics(gw)
-        total = sum(v for n, l, v in samples
-                    if n.endswith("requests_total") or
-                    (types.get(n) == "counter" and "request" in n and
-                     "status" in l))
-        if total >= 4 or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+    def all_four_counted(metrics):
+        types, samples = metrics
+        return sum(v for n, l, v in samples
+                   if n.endswith("requests_total") or
+                   (types.get(n) == "counter" and "request" in n and
+                    "status" in l)) >= 4
+
+    types, samples = poll(lambda: get_metrics(gw), all_four_counted,
+                          timeout=5)
     mine = {"provider": "openai", "model": "gpt-4o-mini",
             "project": "metricsproj"}
 

@@ -9,9 +9,7 @@ One gateway serves the whole module; each test creates its own virtual key
 through the admin API, so usage rows are told apart by key id.
 """
 
-import http.client
 import json
-import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,9 +17,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from conftest import (ANTHROPIC_UPSTREAM_KEY, OPENAI_UPSTREAM_KEY,
-                      Gateway, base_config, merge_config, write_config)
-from fakes import (DEFAULT_USAGE, Reply, error_body, header_dict,
-                   http_request, openai_chat_json)
+                      closed_port, key_rows, module_gateway, new_key,
+                      raw_exchange)
+from fakes import DEFAULT_USAGE, Reply, error_body, openai_chat_json
 
 
 GEMINI_UPSTREAM_KEY = "sk-upstream-gemini-test-0001"
@@ -31,6 +29,8 @@ DOWN_UPSTREAM_KEY = "sk-upstream-down-test-0001"
 
 CHAT = "/v1/chat/completions"
 MESSAGES = "/v1/messages"
+
+PROJECT = "proxy-tests"
 
 
 def chat_body(model="gpt-4o-mini", **extra):
@@ -45,15 +45,6 @@ def messages_body(model="claude-3-5-haiku-latest", **extra):
             "messages": [{"role": "user", "content": "Say hello."}]}
     body.update(extra)
     return body
-
-
-def closed_port():
-    """A local port nothing listens on."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
 
 
 class _IdleClosingHandler(BaseHTTPRequestHandler):
@@ -124,12 +115,6 @@ class IdleClosingUpstream(ThreadingHTTPServer):
         self.thread.join(5)
 
 
-def start_gateway(upstream, workdir, overrides):
-    config = merge_config(base_config(upstream), overrides)
-    path = write_config(str(workdir / "llmgw.json"), config)
-    return Gateway(config, path, str(workdir / "llmgw.db"), str(workdir))
-
-
 @pytest.fixture(scope="module")
 def idle_upstream():
     server = IdleClosingUpstream()
@@ -168,39 +153,23 @@ def gw(upstream_server, idle_upstream, tmp_path_factory):
                      "api_keys": [OPENAI_UPSTREAM_KEY]},
         },
     }
-    gateway = start_gateway(upstream_server,
-                            tmp_path_factory.mktemp("proxy-gw"), overrides)
-    yield gateway
-    gateway.stop()
+    with module_gateway(upstream_server, tmp_path_factory, "proxy-gw",
+                        overrides) as gateway:
+        yield gateway
 
 
 @pytest.fixture(scope="module")
 def slow_gw(upstream_server, tmp_path_factory):
     """A gateway that waits at most 1 s for the provider's answer."""
-    gateway = start_gateway(upstream_server,
-                            tmp_path_factory.mktemp("proxy-slow-gw"),
-                            {"limits": {"upstream_read_timeout_s": 1}})
-    yield gateway
-    gateway.stop()
-
-
-def new_key(gateway, project="proxy-tests", **fields):
-    """Create a virtual key through the admin API; return its dict."""
-    body = dict(fields, project=project)
-    status, _, content = gateway.admin("POST", "/admin/virtual-keys", body)
-    assert status == 201, content
-    return json.loads(content.decode("utf-8"))
+    slow = {"limits": {"upstream_read_timeout_s": 1}}
+    with module_gateway(upstream_server, tmp_path_factory, "proxy-slow-gw",
+                        slow) as gateway:
+        yield gateway
 
 
 @pytest.fixture
 def key(gw, upstream):
-    return new_key(gw)
-
-
-def rows_of(gateway, key, count=1, timeout=5.0):
-    return gateway.wait_rows(
-        count, "select * from usage where key_id = ? order by id",
-        (key["id"],), timeout=timeout)
+    return new_key(gw, PROJECT)
 
 
 def openai_error(content):
@@ -221,17 +190,49 @@ def anthropic_error(content):
     return body["error"]
 
 
-def raw_exchange(port, data, timeout=5.0):
-    """Send raw bytes to the gateway; parse one response."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    try:
-        sock.sendall(data)
-        resp = http.client.HTTPResponse(sock)
-        resp.begin()
-        content = resp.read()
-        return resp.status, header_dict(resp.msg), content
-    finally:
-        sock.close()
+def forwarded(gateway, upstream, path, body, **kwargs):
+    """POST body, which must be answered 200; return what upstream got."""
+    status, _, content = gateway.request("POST", path, body, **kwargs)
+    assert status == 200, content
+    return upstream.last
+
+
+def post_not_json(gateway, path, key):
+    """POST a body that is not JSON, with the key in x-api-key."""
+    return gateway.request("POST", path, b"{not json",
+                           headers={"x-api-key": key["secret"],
+                                    "Content-Type": "application/json"})
+
+
+def assert_refused_and_recorded(gateway, upstream, key):
+    """Nothing reached the provider; one 400 invalid_request row."""
+    assert upstream.requests == []
+    rows = key_rows(gateway, key)
+    assert [(r["status"], r["error"]) for r in rows] == \
+        [(400, "invalid_request")]
+
+
+def assert_gateway_error(gateway, key, answer, status, code, anthropic,
+                         anthropic_type=None):
+    """A gateway-made error: status, body shape and code, one usage row.
+
+    answer is what gateway.request returned; anthropic_type, when given,
+    is the "type" an Anthropic-shaped error must have.  Returns the row.
+    """
+    got, _, content = answer
+    assert got == status
+    if anthropic:
+        error = anthropic_error(content)
+        if anthropic_type is not None:
+            assert error["type"] == anthropic_type
+    else:
+        error = openai_error(content)
+    assert error["code"] == code
+    rows = key_rows(gateway, key)
+    assert len(rows) == 1
+    assert rows[0]["status"] == status
+    assert rows[0]["error"] == code
+    return rows[0]
 
 
 def raw_request(method, target, body, headers, version="HTTP/1.1"):
@@ -253,10 +254,8 @@ def raw_request(method, target, body, headers, version="HTTP/1.1"):
 def test_messages_routes_go_to_the_anthropic_provider_in_native_format(
         gw, upstream, key, path):
     body = messages_body("claude-3-5-haiku-latest")
-    status, _, content = gw.request("POST", path, body, key=key)
+    rec = forwarded(gw, upstream, path, body, key=key)
 
-    assert status == 200, content
-    rec = upstream.last
     assert rec.path == path
     assert rec.headers.get("x-api-key") == ANTHROPIC_UPSTREAM_KEY
     assert "authorization" not in rec.headers
@@ -283,10 +282,8 @@ def test_messages_route_goes_to_anthropic_even_for_a_model_others_claim(
 def test_provider_prefix_picks_the_provider_and_is_stripped_before_forwarding(
         gw, upstream, key, prefixed, path, sent):
     body = chat_body(prefixed, temperature=0.25, user="u-1")
-    status, _, content = gw.request("POST", CHAT, body, key=key)
+    rec = forwarded(gw, upstream, CHAT, body, key=key)
 
-    assert status == 200, content
-    rec = upstream.last
     assert rec.path == path
     expected = dict(body, model=sent)
     assert rec.json == expected
@@ -295,10 +292,8 @@ def test_provider_prefix_picks_the_provider_and_is_stripped_before_forwarding(
 def test_models_glob_of_a_configured_provider_picks_that_provider(
         gw, upstream, key):
     body = chat_body("llama3.1:8b")
-    status, _, content = gw.request("POST", CHAT, body, key=key)
+    rec = forwarded(gw, upstream, CHAT, body, key=key)
 
-    assert status == 200, content
-    rec = upstream.last
     assert rec.path == "/local/v1/chat/completions"
     assert rec.json == body
     # the local provider has no key: no credential at all goes upstream
@@ -320,10 +315,8 @@ def test_models_glob_of_a_configured_provider_picks_that_provider(
 ])
 def test_builtin_model_families_pick_their_provider(gw, upstream, key, model,
                                                     path, auth):
-    status, _, content = gw.request("POST", CHAT, chat_body(model), key=key)
+    rec = forwarded(gw, upstream, CHAT, chat_body(model), key=key)
 
-    assert status == 200, content
-    rec = upstream.last
     assert rec.path == path
     assert rec.headers.get(auth[0]) == auth[1]
     assert rec.json["model"] == model
@@ -342,10 +335,8 @@ def test_embeddings_family_goes_to_openai(gw, upstream, key):
 def test_a_model_nobody_claims_goes_to_the_default_provider(gw, upstream,
                                                             key):
     body = chat_body("my-house-model-7b")
-    status, _, content = gw.request("POST", CHAT, body, key=key)
+    rec = forwarded(gw, upstream, CHAT, body, key=key)
 
-    assert status == 200, content
-    rec = upstream.last
     assert rec.path == "/fallback/v1/chat/completions"
     assert rec.headers.get("authorization") == \
         "Bearer " + FALLBACK_UPSTREAM_KEY
@@ -362,10 +353,8 @@ def test_a_model_nobody_claims_goes_to_the_default_provider(gw, upstream,
 def test_provider_route_goes_to_that_provider_whatever_the_model(
         gw, upstream, key, path, model, upstream_path):
     body = chat_body(model)
-    status, _, content = gw.request("POST", path, body, key=key)
+    rec = forwarded(gw, upstream, path, body, key=key)
 
-    assert status == 200, content
-    rec = upstream.last
     assert rec.path == upstream_path
     assert rec.json == body
 
@@ -373,11 +362,8 @@ def test_provider_route_goes_to_that_provider_whatever_the_model(
 def test_anthropic_provider_route_reaches_its_messages_endpoint(gw, upstream,
                                                                 key):
     body = messages_body()
-    status, _, content = gw.request("POST", "/anthropic/v1/messages", body,
-                                    key=key)
+    rec = forwarded(gw, upstream, "/anthropic/v1/messages", body, key=key)
 
-    assert status == 200, content
-    rec = upstream.last
     assert rec.path == MESSAGES
     assert rec.headers.get("x-api-key") == ANTHROPIC_UPSTREAM_KEY
 
@@ -414,7 +400,7 @@ def test_models_list_is_answered_by_the_gateway_in_openai_format(
 
 
 def test_models_list_is_filtered_by_the_keys_allow_list(gw, upstream):
-    key = new_key(gw, models=["gpt-4o*"])
+    key = new_key(gw, PROJECT, models=["gpt-4o*"])
     status, _, content = gw.request("GET", "/v1/models", key=key)
 
     assert status == 200, content
@@ -457,11 +443,8 @@ def test_openai_type_upstream_gets_allowlisted_headers_and_its_own_key_only(
         "Connection": "keep-alive, X-Hop-Marker",
         "X-Hop-Marker": "1",
     }
-    status, _, content = gw.request("POST", CHAT, chat_body(),
-                                    headers=headers)
+    got = forwarded(gw, upstream, CHAT, chat_body(), headers=headers).headers
 
-    assert status == 200, content
-    got = upstream.last.headers
     assert got["authorization"] == "Bearer " + OPENAI_UPSTREAM_KEY
     assert got["openai-beta"] == "assistants=v2"
     assert got["x-stainless-lang"] == "python"
@@ -487,11 +470,8 @@ def test_headers_the_client_names_in_connection_are_not_forwarded(
                "X-Stainless-Lang": "python",
                "OpenAI-Beta": "assistants=v2",
                "X-Stainless-Arch": "arm64"}
-    status, _, content = gw.request("POST", CHAT, chat_body(),
-                                    headers=headers)
+    got = forwarded(gw, upstream, CHAT, chat_body(), headers=headers).headers
 
-    assert status == 200, content
-    got = upstream.last.headers
     assert got.get("x-stainless-arch") == "arm64"
     assert "x-stainless-lang" not in got
     assert "openai-beta" not in got
@@ -508,11 +488,9 @@ def test_anthropic_type_upstream_gets_x_api_key_and_a_default_version(
         "Cookie": "session=abc",
         "X-Secret-Internal": "do-not-leak",
     }
-    status, _, content = gw.request("POST", MESSAGES, messages_body(),
-                                    headers=headers)
+    got = forwarded(gw, upstream, MESSAGES, messages_body(),
+                    headers=headers).headers
 
-    assert status == 200, content
-    got = upstream.last.headers
     assert got["x-api-key"] == ANTHROPIC_UPSTREAM_KEY
     assert got["anthropic-version"] == "2023-06-01"
     assert got["anthropic-beta"] == "prompt-caching-2024-07-31"
@@ -657,7 +635,7 @@ def test_a_pooled_connection_the_provider_closed_while_idle_is_retried(
 
     assert status == 200, content
     assert json.loads(content)["object"] == "chat.completion"
-    rows = rows_of(gw, key, 2)
+    rows = key_rows(gw, key, 2)
     assert [row["status"] for row in rows] == [200, 200]
     assert [row["error"] for row in rows] == [None, None]
 
@@ -689,10 +667,7 @@ def test_gateway_errors_on_the_messages_route_use_the_anthropic_shape(
 
 def test_gateway_errors_on_anthropic_type_provider_routes_are_anthropic_shaped(
         gw, upstream, key):
-    status, _, content = gw.request(
-        "POST", "/anthropic/v1/messages", b"{not json",
-        headers={"x-api-key": key["secret"],
-                 "Content-Type": "application/json"})
+    status, _, content = post_not_json(gw, "/anthropic/v1/messages", key)
 
     assert status == 400
     error = anthropic_error(content)
@@ -703,17 +678,11 @@ def test_gateway_errors_on_anthropic_type_provider_routes_are_anthropic_shaped(
 
 def test_a_body_that_is_not_json_is_refused_in_the_anthropic_shape(
         gw, upstream, key):
-    status, _, content = gw.request(
-        "POST", MESSAGES, b"{not json",
-        headers={"x-api-key": key["secret"],
-                 "Content-Type": "application/json"})
+    status, _, content = post_not_json(gw, MESSAGES, key)
 
     assert status == 400
     assert anthropic_error(content)["code"] == "invalid_request"
-    assert upstream.requests == []
-    rows = rows_of(gw, key)
-    assert [(r["status"], r["error"]) for r in rows] == \
-        [(400, "invalid_request")]
+    assert_refused_and_recorded(gw, upstream, key)
 
 
 def test_an_unknown_provider_prefix_in_the_model_is_refused(gw, upstream,
@@ -723,10 +692,7 @@ def test_an_unknown_provider_prefix_in_the_model_is_refused(gw, upstream,
 
     assert status == 400
     assert openai_error(content)["code"] == "invalid_request"
-    assert upstream.requests == []
-    rows = rows_of(gw, key)
-    assert [(r["status"], r["error"]) for r in rows] == \
-        [(400, "invalid_request")]
+    assert_refused_and_recorded(gw, upstream, key)
 
 
 def test_a_body_without_a_model_is_refused(gw, upstream, key):
@@ -734,10 +700,7 @@ def test_a_body_without_a_model_is_refused(gw, upstream, key):
 
     assert status == 400
     assert openai_error(content)["code"] == "invalid_request"
-    assert upstream.requests == []
-    rows = rows_of(gw, key)
-    assert [(r["status"], r["error"]) for r in rows] == \
-        [(400, "invalid_request")]
+    assert_refused_and_recorded(gw, upstream, key)
 
 
 def test_an_unknown_provider_route_is_not_found(gw, upstream, key):
@@ -768,7 +731,7 @@ def test_provider_errors_are_passed_through_unchanged(gw, upstream, key,
     assert content == expected.encode("utf-8")
     if "retry-after" in reply.headers:
         assert headers.get("retry-after") == "7"
-    rows = rows_of(gw, key)
+    rows = key_rows(gw, key)
     assert len(rows) == 1
     assert rows[0]["status"] == reply.status
     assert rows[0]["error"]
@@ -792,20 +755,11 @@ def test_provider_error_with_an_unusual_body_is_passed_through_byte_for_byte(
 def test_an_unreachable_provider_gives_502_upstream_error(gw, upstream, key,
                                                           path, body,
                                                           anthropic):
-    status, _, content = gw.request("POST", path, body, key=key)
+    answer = gw.request("POST", path, body, key=key)
 
-    assert status == 502
-    if anthropic:
-        error = anthropic_error(content)
-        assert error["type"] == "api_error"
-    else:
-        error = openai_error(content)
-    assert error["code"] == "upstream_error"
-    rows = rows_of(gw, key)
-    assert len(rows) == 1
-    assert rows[0]["status"] == 502
-    assert rows[0]["error"] == "upstream_error"
-    assert rows[0]["provider"] in ("down", "down-anthropic")
+    row = assert_gateway_error(gw, key, answer, 502, "upstream_error",
+                               anthropic, "api_error")
+    assert row["provider"] in ("down", "down-anthropic")
 
 
 @pytest.mark.parametrize("path, body, anthropic", [
@@ -815,15 +769,9 @@ def test_an_unreachable_provider_gives_502_upstream_error(gw, upstream, key,
 def test_a_provider_answering_garbage_gives_502_upstream_error(
         gw, upstream, key, path, body, anthropic):
     upstream.queue(Reply(garbage=True))
-    status, _, content = gw.request("POST", path, body, key=key)
+    answer = gw.request("POST", path, body, key=key)
 
-    assert status == 502
-    error = anthropic_error(content) if anthropic else openai_error(content)
-    assert error["code"] == "upstream_error"
-    rows = rows_of(gw, key)
-    assert len(rows) == 1
-    assert rows[0]["status"] == 502
-    assert rows[0]["error"] == "upstream_error"
+    assert_gateway_error(gw, key, answer, 502, "upstream_error", anthropic)
 
 
 def test_a_provider_closing_without_an_answer_gives_502(gw, upstream, key):
@@ -851,29 +799,19 @@ def test_a_redirect_from_the_provider_is_not_followed(gw, upstream, key):
 ], ids=["chat", "messages"])
 def test_a_provider_silent_past_the_read_timeout_gives_504(
         slow_gw, upstream, path, body, anthropic):
-    key = new_key(slow_gw)
+    key = new_key(slow_gw, PROJECT)
     upstream.queue(Reply(stall=3))
-    status, _, content = slow_gw.request("POST", path, body, key=key,
-                                         timeout=10)
+    answer = slow_gw.request("POST", path, body, key=key, timeout=10)
 
-    assert status == 504
-    if anthropic:
-        error = anthropic_error(content)
-        assert error["type"] == "timeout_error"
-    else:
-        error = openai_error(content)
-    assert error["code"] == "upstream_timeout"
-    rows = rows_of(slow_gw, key)
-    assert len(rows) == 1
-    assert rows[0]["status"] == 504
-    assert rows[0]["error"] == "upstream_timeout"
+    assert_gateway_error(slow_gw, key, answer, 504, "upstream_timeout",
+                         anthropic, "timeout_error")
     # a request that may have reached the provider is never sent twice
     assert len(upstream.requests) == 1
 
 
 def test_a_provider_silent_mid_stream_past_the_read_timeout_is_recorded(
         slow_gw, upstream):
-    key = new_key(slow_gw)
+    key = new_key(slow_gw, PROJECT)
     upstream.queue(Reply(pause=(3, 4)))
     events = slow_gw.stream(CHAT, chat_body(stream=True), key=key,
                             timeout=10)
@@ -881,7 +819,7 @@ def test_a_provider_silent_mid_stream_past_the_read_timeout_is_recorded(
     # the answer had started: the client sees a stream cut short
     assert events.status == 200
     assert "[DONE]" not in events.data()
-    rows = rows_of(slow_gw, key)
+    rows = key_rows(slow_gw, key)
     assert len(rows) == 1
     assert rows[0]["error"] == "upstream_timeout"
     assert rows[0]["streamed"] == 1

@@ -10,11 +10,10 @@ import hashlib
 import json
 import os
 import sqlite3
-import stat
 import subprocess
 import sys
 
-from conftest import LLMGW, clean_env, query_db, run_llmgw
+from conftest import LLMGW, clean_env, file_mode, query_db, run_llmgw
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -26,10 +25,6 @@ CHAT = {"model": "gpt-4o-mini",
 
 # a secret made by hand for a key written straight into an old database
 OLD_SECRET = "sk-gw-" + "Old0ldOld0ldOld0ldOld0ldOld0ldOld0ldOld0ld_"
-
-
-def mode_of(path):
-    return stat.S_IMODE(os.stat(path).st_mode)
 
 
 def pragma(path, name):
@@ -64,7 +59,7 @@ def test_a_command_creates_a_private_wal_database_at_the_current_version(
     assert rc == 0, err
     assert os.path.exists(db)
     for path in db_files(db):
-        assert mode_of(path) == 0o600, path
+        assert file_mode(path) == 0o600, path
     assert pragma(db, "journal_mode").lower() == "wal"
     assert pragma(db, "user_version") == len(llmgw.MIGRATIONS)
     tables = {r["name"] for r in query_db(
@@ -249,7 +244,7 @@ def test_a_secret_is_found_in_no_database_file_and_no_log(gateway, upstream):
     files = db_files(gw.db_path)
     assert len(files) >= 1
     for path in files:
-        assert mode_of(path) == 0o600, path
+        assert file_mode(path) == 0o600, path
         with open(path, "rb") as handle:
             assert secret not in handle.read(), path
     assert key["secret"] not in gw.stderr_text()
@@ -258,7 +253,7 @@ def test_a_secret_is_found_in_no_database_file_and_no_log(gateway, upstream):
 
     gw.stop()
     for path in db_files(gw.db_path):
-        assert mode_of(path) == 0o600, path
+        assert file_mode(path) == 0o600, path
         with open(path, "rb") as handle:
             assert secret not in handle.read(), path
     assert key["secret"] not in gw.stderr_text()

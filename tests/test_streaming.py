@@ -18,9 +18,9 @@ import socket
 
 import pytest
 
-from conftest import Gateway, base_config, merge_config, write_config
+from conftest import module_gateway, new_key, raw_exchange
 from fakes import (DEFAULT_TEXT, DEFAULT_USAGE, Reply, anthropic_json,
-                   header_dict, http_stream, parse_sse_event)
+                   http_stream, parse_sse_event)
 
 
 CHAT = "/v1/chat/completions"
@@ -33,20 +33,14 @@ PROMPT = [{"role": "user", "content": "Say hello."}]
 
 @pytest.fixture(scope="module")
 def gw(upstream_server, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("streaming-gw")
-    config = merge_config(base_config(upstream_server), None)
-    path = write_config(str(workdir / "llmgw.json"), config)
-    gateway = Gateway(config, path, str(workdir / "llmgw.db"), str(workdir))
-    yield gateway
-    gateway.stop()
+    with module_gateway(upstream_server, tmp_path_factory,
+                        "streaming-gw") as gateway:
+        yield gateway
 
 
 @pytest.fixture
 def key(gw, upstream):
-    status, _, content = gw.admin("POST", "/admin/virtual-keys",
-                                  {"project": "streaming-tests"})
-    assert status == 201, content
-    return json.loads(content.decode("utf-8"))
+    return new_key(gw, "streaming-tests")
 
 
 def stream_body(path, **extra):
@@ -244,17 +238,10 @@ def test_a_stream_to_an_http10_client_ends_by_closing_the_connection(
             "Content-Type: application/json\r\nContent-Length: %d\r\n"
             "Authorization: Bearer %s\r\n\r\n"
             % (CHAT, len(body), key["secret"])).encode("latin-1")
-    sock = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
-    try:
-        sock.sendall(head + body)
-        resp = http.client.HTTPResponse(sock)
-        resp.begin()
-        headers = header_dict(resp.msg)
-        content = resp.read()
-    finally:
-        sock.close()
+    status, headers, content = raw_exchange(gw.port, head + body,
+                                            timeout=10)
 
-    assert resp.status == 200
+    assert status == 200
     assert "chunked" not in headers.get("transfer-encoding", "")
     text = content.decode("utf-8")
     assert text.rstrip().endswith("data: [DONE]")
