@@ -183,7 +183,7 @@ ANTHROPIC_ERROR_TYPES = {
     431: "invalid_request_error",
     500: "api_error",
     502: "api_error",
-    503: "overloaded_error",
+    503: "api_error",
     504: "timeout_error",
 }
 
@@ -356,8 +356,10 @@ def check_base_url(name: str, url) -> str | None:
         return ("provider %r has base_url %r: it must be an http:// or "
                 "https:// URL with a host" % (name, url))
     if parts.query or parts.fragment or "@" in parts.netloc:
-        return ("provider %r has base_url %r: it must not carry a query, a "
-                "fragment or credentials" % (name, url))
+        # the URL is not shown: what is wrong with it may be a secret
+        return ("provider %r has a base_url (%s://%s) that carries a query, "
+                "a fragment or credentials: remove them"
+                % (name, parts.scheme, parts.hostname))
     try:
         parts.port
     except ValueError:
@@ -581,7 +583,6 @@ MIGRATIONS = (
         """CREATE TABLE keys (
             id TEXT PRIMARY KEY,
             secret_hash TEXT NOT NULL UNIQUE,
-            secret_hint TEXT NOT NULL,
             project TEXT NOT NULL,
             name TEXT,
             budget_usd REAL,
@@ -646,7 +647,7 @@ INSERT_USAGE = "INSERT INTO usage (%s) VALUES (%s)" % (
 
 KEY_COLUMNS = ("id", "project", "name", "budget_usd", "budget_period", "rpm",
                "tpm", "models", "expires_at", "created_at", "revoked_at",
-               "rotated_at", "secret_hint")
+               "rotated_at")
 BUDGET_PERIODS = ("day", "week", "month", "total")
 
 
@@ -706,7 +707,6 @@ def key_row_to_dict(row) -> dict:
     """A key as the CLI and the admin API show it (never the hash)."""
     out = {name: row[name] for name in KEY_COLUMNS}
     out["models"] = json.loads(out["models"]) if out["models"] else []
-    out["secret_hint"] = "sk-gw-..." + (row["secret_hint"] or "")
     return out
 
 
@@ -739,10 +739,10 @@ class Store:
             key_id = "key_" + secrets.token_hex(4)
             try:
                 self.write(
-                    "INSERT INTO keys (id, secret_hash, secret_hint, project, "
-                    "name, budget_usd, budget_period, rpm, tpm, models, "
-                    "expires_at, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (key_id, hash_secret(secret), secret[-4:],
+                    "INSERT INTO keys (id, secret_hash, project, name, "
+                    "budget_usd, budget_period, rpm, tpm, models, "
+                    "expires_at, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    (key_id, hash_secret(secret),
                      fields["project"], fields.get("name"),
                      fields.get("budget_usd"), fields.get("budget_period"),
                      fields.get("rpm"), fields.get("tpm"),
@@ -776,6 +776,9 @@ class Store:
                 changes = dict(changes, models=json.dumps(
                     changes["models"] or []))
             names = ", ".join("%s = ?" % n for n in changes)
+            if changes.get("budget_usd") is not None and \
+                    "budget_period" not in changes:
+                names += ", budget_period = COALESCE(budget_period, 'month')"
             self.write("UPDATE keys SET %s WHERE id = ?" % names,
                        list(changes.values()) + [key_id])
         return self.get_key(key_id)
@@ -788,9 +791,8 @@ class Store:
     def rotate_key(self, key_id: str) -> tuple:
         secret = new_key_secret()
         count = self.write(
-            "UPDATE keys SET secret_hash = ?, secret_hint = ?, rotated_at = ? "
-            "WHERE id = ?", (hash_secret(secret), secret[-4:],
-                             iso(utcnow()), key_id))
+            "UPDATE keys SET secret_hash = ?, rotated_at = ? WHERE id = ?",
+            (hash_secret(secret), iso(utcnow()), key_id))
         return (self.get_key(key_id), secret) if count else (None, None)
 
     def keys_version(self) -> int:
@@ -1286,7 +1288,7 @@ class PriceTable:
 FORWARD_HEADERS = frozenset((
     "content-type", "accept", "user-agent", "openai-beta",
     "idempotency-key", "x-request-id", "x-client-request-id",
-    "accept-language", "x-stainless-helper-method",
+    "accept-language",
 ))
 FORWARD_PREFIXES = ("anthropic-", "x-stainless-")
 # Response headers that are about this hop, or that we set ourselves.
@@ -1305,6 +1307,7 @@ MODEL_PATHS = frozenset(("/chat/completions", "/completions", "/responses",
 # encoded slashes, backslashes, dots and control characters, raw or encoded
 _BAD_PATH = re.compile(
     r"%2f|%5c|\\|%2e|%[01][0-9a-f]|%7f|[\x00-\x20\x7f]", re.I)
+_BAD_QUERY = re.compile(r"%[01][0-9a-f]|%7f|[\x00-\x20\x7f]", re.I)
 
 
 class Usage:
@@ -1415,6 +1418,10 @@ _TEXT_FIELD = re.compile(
     rb'\s*:\s*"((?:[^"\\]|\\.)*)"')
 _RESPONSE_DONE = (b"response.completed", b"response.incomplete",
                   b"response.failed")
+# markers read from an event's own lines, never from the text it carries
+_OPENAI_DONE = re.compile(rb"^data:\s*\[DONE\]\s*$", re.M)
+_ANTHROPIC_EVENT = re.compile(
+    rb"^event:\s*(message_start|message_delta|message_stop)\s*$", re.M)
 MAX_EVENT_BYTES = 16 * 1024 * 1024
 
 
@@ -1426,7 +1433,7 @@ def _event_json(event: bytes):
         return None
     try:
         return json.loads(b"\n".join(data))
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
 
 
@@ -1488,18 +1495,23 @@ class StreamMeter:
         for match in _TEXT_FIELD.finditer(event):
             self.text_chars += len(match.group(1))
         if self.anthropic:
-            if b"message_start" in event or b"message_delta" in event:
-                obj = _event_json(event)
-                if isinstance(obj, dict):
-                    message = obj.get("message")
-                    data = obj.get("usage")
-                    if isinstance(message, dict):
-                        data = message.get("usage")
-                    else:
-                        self.final = True  # message_delta: cumulative
-                    usage_from(data, True, self.usage)
-            elif b"message_stop" in event:
+            found = _ANTHROPIC_EVENT.search(event)
+            if found is None:
+                return True
+            kind = found.group(1)
+            if kind == b"message_stop":
                 self.done = True
+                return True
+            obj = _event_json(event)
+            if isinstance(obj, dict):
+                if kind == b"message_start":
+                    message = obj.get("message")
+                    data = message.get("usage") if isinstance(
+                        message, dict) else None
+                else:  # message_delta: cumulative counts, the last wins
+                    data = obj.get("usage")
+                    self.final = True
+                usage_from(data, True, self.usage)
             return True
         if self.responses_api:
             if any(name in event for name in _RESPONSE_DONE):
@@ -1510,7 +1522,7 @@ class StreamMeter:
                                self.usage)
                     self.done = self.final = True
             return True
-        if b"[DONE]" in event:
+        if _OPENAI_DONE.search(event):
             self.done = True
             return True
         if _USAGE_OBJECT.search(event):
@@ -1537,6 +1549,11 @@ class Route:
         self.explicit = explicit      # /{provider}/v1/... was used
         self.anthropic_errors = anthropic_errors
 
+    @property
+    def anthropic_format(self) -> bool:
+        """Anthropic Messages bodies (and their usage convention)."""
+        return self.kind.startswith("/messages")
+
     def upstream_target(self) -> str:
         target = self.provider.base_path + self.path
         return target + "?" + self.query if self.query else target
@@ -1556,7 +1573,7 @@ def split_target(target: str) -> tuple:
     path, _, query = target.partition("?")
     if "#" in query:
         query = query.split("#", 1)[0]
-    if _BAD_PATH.search(path) or _BAD_PATH.search(query.replace(" ", "")):
+    if _BAD_PATH.search(path) or _BAD_QUERY.search(query):
         raise GatewayError(400, "invalid_request",
                            "the request path holds an encoded slash, a dot "
                            "segment, a backslash or a control character")
@@ -1581,8 +1598,8 @@ def resolve_route(config: Config, path: str, query: str) -> Route | None:
         if provider is None:
             raise GatewayError(
                 404, "not_found",
-                "no provider named %r is configured (known: %s)"
-                % (name, ", ".join(sorted(config.providers))))
+                "no provider named %r is configured: see `llmgw.py config "
+                "show`" % name[:64])
         return Route(provider, rest[2:], query, True, provider.anthropic)
     return None
 
@@ -1930,7 +1947,7 @@ class AuthThrottle:
     def failed(self, address: str) -> None:
         with self.lock:
             if len(self.failures) > 10000:
-                self.failures.clear()  # under a spray, forget the oldest
+                self.failures.clear()  # a spray of addresses: start afresh
             times = self.failures.setdefault(
                 address, collections.deque(maxlen=self.limit))
             times.append(time.monotonic())
@@ -2056,10 +2073,11 @@ def alive(conn) -> bool:
     if sock is None:
         return False
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
+        poller = select.poll()  # select() refuses descriptors above 1023
+        poller.register(sock, select.POLLIN)
+        return not poller.poll(0)
     except (OSError, ValueError):
         return False
-    return not readable
 
 
 class UpstreamPool:
@@ -2075,13 +2093,13 @@ class UpstreamPool:
         self.idle = {}
         self.lock = threading.Lock()
 
-    def get(self, provider: Provider) -> tuple:
-        """Return (connection, reused)."""
+    def get(self, provider: Provider, fresh: bool = False) -> tuple:
+        """Return (connection, reused); with fresh, a new connection."""
         origin = (provider.scheme, provider.host, provider.port)
         now = time.monotonic()
         with self.lock:
             conns = self.idle.get(origin)
-            while conns:
+            while conns and not fresh:
                 conn, since = conns.pop()
                 if now - since < self.MAX_IDLE_AGE_S and alive(conn):
                     return conn, True
@@ -2253,6 +2271,18 @@ class ConnectionHandler(BaseHTTPRequestHandler):
             if req is not None and not req.body_read:
                 err.close = True  # its unread body must not be parsed
             self.send_gateway_error(err, req, self.anthropic_errors)
+        except (OSError, ClientGone):
+            raise  # the connection is gone: nobody to answer
+        except Exception:
+            request_id = req.id if req is not None else "-"
+            log.exception("request %s failed", request_id)
+            self.close_connection = True
+            if not self.status:  # nothing sent yet: say what happened
+                self.send_gateway_error(GatewayError(
+                    500, "internal_error",
+                    "the gateway failed on this request (%s); its log has "
+                    "the details" % request_id, close=True),
+                    req, self.anthropic_errors)
         finally:
             if self.status:
                 self.gw.after_request(req, self.status, self.exchange)
@@ -2424,7 +2454,8 @@ class ConnectionHandler(BaseHTTPRequestHandler):
     # writing
 
     def head_bytes(self, status: int, headers, length=None,
-                   chunked=False, req: Request | None = None) -> bytes:
+                   chunked=False, req: Request | None = None,
+                   close: bool | None = None) -> bytes:
         """The status line and headers of a response."""
         self.status = status
         lines = ["HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, ""))]
@@ -2436,7 +2467,7 @@ class ConnectionHandler(BaseHTTPRequestHandler):
             lines.append("Transfer-Encoding: chunked\r\n")
         elif length is not None:
             lines.append("Content-Length: %d\r\n" % length)
-        if self.close_connection:
+        if self.close_connection if close is None else close:
             lines.append("Connection: close\r\n")
         elif req is not None and req.version == "HTTP/1.0":
             lines.append("Connection: keep-alive\r\n")
@@ -2466,13 +2497,10 @@ class ConnectionHandler(BaseHTTPRequestHandler):
         body = error_body(err, anthropic)
         headers = [("Content-Type", "application/json")]
         headers.extend(err.headers.items())
-        saved = self.close_connection
-        self.close_connection = close
-        try:
-            return self.head_bytes(err.status, headers, len(body), False,
-                                   req) + body
-        finally:
-            self.close_connection = saved
+        head = self.head_bytes(err.status, headers, len(body), False, req,
+                               close)
+        return head if req is not None and req.method == "HEAD" else \
+            head + body
 
     def send_gateway_error(self, err: GatewayError, req: Request | None,
                            anthropic: bool = False) -> None:
@@ -2593,6 +2621,9 @@ def parse_json_body(req: Request):
         raise GatewayError(400, "invalid_request",
                            "the request body is not valid JSON: %s" % e) \
             from None
+    except RecursionError:
+        raise GatewayError(400, "invalid_request",
+                           "the request body is nested too deeply") from None
 
 
 def model_of(obj, req: Request) -> str | None:
@@ -2691,7 +2722,7 @@ class ProxyMixin:
             changed = sent_model != model
             if changed:
                 obj["model"] = sent_model
-            if (obj.get("stream") is True and not route.provider.anthropic
+            if (obj.get("stream") is True
                     and route.kind in ("/chat/completions", "/completions")):
                 options = obj.get("stream_options")
                 if not (isinstance(options, dict)
@@ -2761,8 +2792,8 @@ class ProxyMixin:
 
     def _attempt(self, pool, provider, method, target, body, headers):
         """One request on a pooled connection, with a stale-retry."""
-        for _ in range(2):
-            conn, reused = pool.get(provider)
+        for attempt in range(2):
+            conn, reused = pool.get(provider, fresh=attempt > 0)
             try:
                 if conn.sock is None:
                     pool.connect(conn)
@@ -2864,12 +2895,12 @@ class ProxyMixin:
         elif "json" in ctype or ex.route.kind in MODEL_PATHS:
             try:
                 obj = json.loads(body)
-            except (ValueError, UnicodeDecodeError):
+            except (ValueError, UnicodeDecodeError, RecursionError):
                 raise GatewayError(502, "upstream_error",
                                    "provider %r answered with a body that "
                                    "is not JSON" % provider.name) from None
             ex.usage = usage_from_body(obj, ex.route.kind,
-                                       provider.anthropic)
+                                       ex.route.anthropic_format)
         ex.first_byte()
         if not self.finish_exchange(ex):
             raise storage_error()
@@ -2884,7 +2915,8 @@ class ProxyMixin:
 
         The last piece is held back until the usage row is committed.
         """
-        provider = ex.route.provider
+        if not ex.req.keep_alive:
+            self.close_connection = True
         ex.first_byte()
         length = resp.getheader("content-length")
         chunked = length is None
@@ -2906,6 +2938,9 @@ class ProxyMixin:
                 self.write_client(self.frame(held, chunked))
                 held = data
                 tail = (tail + data)[-65536:]
+        except (ClientGone, UpstreamFailed):
+            estimate_usage(ex)  # the usage was in the part never read
+            raise
         finally:
             conn.close()
         at = tail.rfind(b'"usage"')
@@ -2914,7 +2949,7 @@ class ProxyMixin:
                 obj, _ = json.JSONDecoder().raw_decode(
                     tail[at:].decode("utf-8", "replace").split(":", 1)[1]
                     .lstrip())
-                ex.usage = usage_from(obj, provider.anthropic)
+                ex.usage = usage_from(obj, ex.route.anthropic_format)
             except (ValueError, IndexError):
                 pass
         if not self.finish_exchange(ex):
@@ -2931,11 +2966,11 @@ class ProxyMixin:
         """
         provider = ex.route.provider
         ex.streamed = True
-        meter = StreamMeter(provider.anthropic,
+        meter = StreamMeter(ex.route.anthropic_format,
                             ex.route.kind.startswith("/responses"), strip)
         ex.meter, ex.usage = meter, meter.usage  # seen live at shutdown
         chunked = ex.req.version == "HTTP/1.1"
-        if not chunked:
+        if not chunked or not ex.req.keep_alive:
             self.close_connection = True
         head = self.head_bytes(resp.status, self.response_headers(resp),
                                None, chunked, ex.req)
@@ -2962,6 +2997,7 @@ class ProxyMixin:
             if not meter.final:
                 estimate_usage(ex)
             if finished and not resp.will_close:
+                resp.close()  # read1 leaves a Content-Length body open
                 self.gw.pool.put(provider, conn)
             else:
                 conn.close()
@@ -3085,9 +3121,9 @@ def _number(name: str, value, integer: bool):
             raise UsageError("%s must be a number, not %r" % (name, value)) \
                 from None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-            (integer and not float(value).is_integer()) or value < 0 or \
-            (integer and value == 0) or math.isnan(value) or \
-            math.isinf(value):
+            math.isnan(value) or math.isinf(value) or value < 0 or \
+            value >= 2 ** 63 or \
+            (integer and (value == 0 or not float(value).is_integer())):
         raise UsageError("%s must be a %s, not %r" % (
             name, "positive whole number" if integer else
             "number of USD, 0 or more", value))
@@ -3144,7 +3180,9 @@ class AdminMixin:
 
     def serve_admin(self, req: Request) -> None:
         self.require_admin(req)
-        req.body = self.read_body(req)
+        if req.method in ("POST", "PATCH") and not req.path.endswith(
+                "/rotate"):
+            req.body = self.read_body(req)
         path = req.path.rstrip("/")
         params = dict(urllib.parse.parse_qsl(req.query))
         parts = path.split("/")[2:]  # after /admin
@@ -3200,7 +3238,7 @@ class AdminMixin:
     def admin_json(self, req: Request) -> dict:
         try:
             data = json.loads(req.body or b"{}")
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
             raise UsageError("the request body is not valid JSON: %s" % e) \
                 from None
         if not isinstance(data, dict):
@@ -3257,13 +3295,13 @@ class AdminMixin:
         self.send_json(200, stats_report(self.gw.store, params), req)
 
     def admin_usage(self, req: Request, params: dict) -> None:
-        limit = _number("limit", params.get("limit", "100"), True)
+        limit = min(_number("limit", params.get("limit", "100"), True),
+                    10000)
         after = int(_number("after_id", params.get("after_id", "0") or "0",
                             False))
         since = params.get("since")
         rows = self.gw.store.usage_rows(
-            iso(parse_time(since)) if since else None, after,
-            min(limit, 10000) + 1)
+            iso(parse_time(since)) if since else None, after, limit + 1)
         more = len(rows) > limit
         rows = rows[:limit]
         self.send_json(200, {
@@ -3673,7 +3711,8 @@ class Gateway:
             "request_id": req.id if req else None,
             "client": req.client if req else None,
             "method": req.method if req else None,
-            "path": (req.path or req.target[:200]) if req else None,
+            "path": (req.path or req.target.partition("?")[0][:200])
+            if req else None,
             "status": status,
         }
         if ex is not None:
@@ -3760,7 +3799,8 @@ class Gateway:
         for ex in list(self.exchanges):
             if not ex.recorded:
                 ex.error = ex.error or "shutdown"
-                estimate_usage(ex)
+                if ex.meter is None or not ex.meter.final:
+                    estimate_usage(ex)
                 record_exchange(self, ex)
         self.usage_log.flush()
         self.watchdog.stopped.set()
