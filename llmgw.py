@@ -2540,6 +2540,14 @@ def storage_error() -> GatewayError:
         headers=retry_headers(1.0))
 
 
+class CannotConnect(Exception):
+    """No connection to the provider: nothing was sent, so retrying is safe."""
+
+    def __init__(self, reason: OSError):
+        super().__init__(str(reason))
+        self.reason = reason
+
+
 class ClientGone(Exception):
     """The client closed the connection while we were answering."""
 
@@ -2643,27 +2651,34 @@ def model_of(obj, req: Request) -> str | None:
 class ProxyMixin:
     """The proxy routes, mixed into the connection handler."""
 
-    def serve_proxy(self, req: Request, route: Route) -> None:
+    def authenticate(self, req: Request) -> VirtualKey:
+        """The request's virtual key; unknown keys are refused, and an
+        address that keeps sending them is slowed down."""
         gw = self.gw
         secret = client_secret(req.headers)
         key = gw.keys.lookup(secret) if secret else None
-        if key is None:
-            if secret:
-                wait = gw.auth_throttle.blocked_for(req.client)
-                gw.auth_throttle.failed(req.client)
-                if wait > 0:
-                    raise GatewayError(
-                        429, "rate_limit_exceeded",
-                        "too many requests with unknown keys from this "
-                        "address; retry in %.0f s" % wait,
-                        headers=retry_headers(wait))
-            raise GatewayError(
-                401, "invalid_api_key",
-                "unknown virtual key: send the key the gateway's operator "
-                "gave you (sk-gw-...) as the API key" if secret else
-                "no virtual key: send it as the API key (Authorization: "
-                "Bearer sk-gw-... or x-api-key: sk-gw-...)",
-                headers={"x-should-retry": "false"})
+        if key is not None:
+            return key
+        if secret:
+            wait = gw.auth_throttle.blocked_for(req.client)
+            gw.auth_throttle.failed(req.client)
+            if wait > 0:
+                raise GatewayError(
+                    429, "rate_limit_exceeded",
+                    "too many requests with unknown keys from this "
+                    "address; retry in %.0f s" % wait,
+                    headers=retry_headers(wait))
+        raise GatewayError(
+            401, "invalid_api_key",
+            "unknown virtual key: send the key the gateway's operator "
+            "gave you (sk-gw-...) as the API key" if secret else
+            "no virtual key: send it as the API key (Authorization: "
+            "Bearer sk-gw-... or x-api-key: sk-gw-...)",
+            headers={"x-should-retry": "false"})
+
+    def serve_proxy(self, req: Request, route: Route) -> None:
+        gw = self.gw
+        key = self.authenticate(req)
         ex = Exchange(req, route, key)
         self.exchange = ex
         gw.exchanges.add(ex)
@@ -2770,15 +2785,17 @@ class ProxyMixin:
             try:
                 conn, resp = self._attempt(pool, provider, ex.req.method,
                                            target, body, headers)
-            except (ConnectionRefusedError, socket.gaierror,
-                    ssl.SSLCertVerificationError) as e:
+            except CannotConnect as e:
                 if last:
+                    timeout = isinstance(e.reason, socket.timeout)
                     raise GatewayError(
-                        502, "upstream_error",
-                        "cannot reach provider %r at %s: %s"
-                        % (provider.name, provider.base_url, e)) from None
+                        504 if timeout else 502,
+                        "upstream_timeout" if timeout else "upstream_error",
+                        "cannot reach provider %r at %s: %s" % (
+                            provider.name, provider.base_url,
+                            e.reason or "connection timed out")) from None
                 log.warning("provider %s: cannot connect (%s), trying its "
-                            "next key", provider.name, e)
+                            "next key", provider.name, e.reason)
                 continue
             status = resp.status
             if (status == 429 or status >= 500) and not last:
@@ -2794,9 +2811,13 @@ class ProxyMixin:
         """One request on a pooled connection, with a stale-retry."""
         for attempt in range(2):
             conn, reused = pool.get(provider, fresh=attempt > 0)
-            try:
-                if conn.sock is None:
+            if conn.sock is None:
+                try:
                     pool.connect(conn)
+                except OSError as e:  # refused, unreachable, TLS, timeout
+                    conn.close()
+                    raise CannotConnect(e) from None
+            try:
                 conn.request(method, target, body=body or None,
                              headers=headers)
                 return conn, conn.getresponse()
@@ -2814,10 +2835,6 @@ class ProxyMixin:
                     504, "upstream_timeout",
                     "provider %r did not answer in time" % provider.name) \
                     from None
-            except (ConnectionRefusedError, socket.gaierror,
-                    ssl.SSLCertVerificationError):
-                conn.close()
-                raise
             except ValueError:  # http.client refuses the header value
                 conn.close()
                 raise GatewayError(400, "invalid_request",
@@ -3566,13 +3583,12 @@ class Handler(ProxyMixin, AdminMixin, ConnectionHandler):
                 metrics.inflight -= 1
 
     def serve_models(self, req: Request) -> None:
-        """GET /v1/models: the models this key may use, OpenAI format."""
-        secret = client_secret(req.headers)
-        key = self.gw.keys.lookup(secret) if secret else None
-        if key is None:
-            raise GatewayError(401, "invalid_api_key",
-                               "unknown or missing virtual key",
-                               headers={"x-should-retry": "false"})
+        """GET /v1/models: the models this key may use, OpenAI format.
+
+        Answered from memory and not billable, so it writes no usage row
+        and keeps working while the database cannot be written.
+        """
+        key = self.authenticate(req)
         self.gw.limiter.check_key(key, time.time())
         owners = {}
         for name in self.gw.prices.prices:
