@@ -749,7 +749,9 @@ class Store:
                      json.dumps(fields.get("models") or []),
                      fields.get("expires_at"), created))
                 return self.get_key(key_id), secret
-            except sqlite3.IntegrityError:
+            except sqlite3.IntegrityError as e:
+                if "keys.id" not in str(e):
+                    raise
                 continue  # an id collision: draw another
         raise RuntimeError("could not draw a unique key id")
 
@@ -3994,8 +3996,6 @@ def cmd_serve(args) -> int:
     host = (args.host or host or "127.0.0.1").strip("[]")
     port = int(args.port if args.port is not None else port)
     context = None
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise UsageError("--tls-cert and --tls-key go together")
     if args.tls_cert:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         try:
@@ -4328,20 +4328,39 @@ def add_output(parser, choices=("table", "json"), default="table"):
                         help="output format (default: %(default)s)")
 
 
+def flag_type(check):
+    """An argparse type: 'none' (clears a limit) or a value check accepts.
+
+    A bad value is then a usage error (exit 2), like any other bad flag.
+    """
+    def convert(text):
+        if text == "none":
+            return text
+        try:
+            return check(text)
+        except UsageError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return convert
+
+
 def add_limit_flags(parser) -> None:
     parser.add_argument("--name", help="a label for the key")
     parser.add_argument("--budget", metavar="USD",
+                        type=flag_type(lambda v: _number("budget", v, False)),
                         help="spend limit in USD per budget period")
     parser.add_argument("--budget-period", dest="budget_period",
                         choices=BUDGET_PERIODS,
                         help="UTC calendar period of the budget (default "
                         "for a new budget: month)")
-    parser.add_argument("--rpm", help="requests per minute")
-    parser.add_argument("--tpm", help="tokens per minute")
+    parser.add_argument("--rpm", help="requests per minute",
+                        type=flag_type(lambda v: _number("rpm", v, True)))
+    parser.add_argument("--tpm", help="tokens per minute",
+                        type=flag_type(lambda v: _number("tpm", v, True)))
     parser.add_argument("--models", metavar="GLOBS",
                         help="comma-separated model globs the key may use, "
                         "e.g. 'gpt-4o*,claude-*'")
-    parser.add_argument("--expires", metavar="WHEN",
+    parser.add_argument("--expires", metavar="WHEN", type=flag_type(
+                        parse_expiry),
                         help="30d, 12h, 2w, YYYY-MM-DD (through the end of "
                         "that UTC day) or an ISO 8601 time")
 
@@ -4518,10 +4537,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not log.handlers:
         setup_logging()
-    for name in ("limit",):
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            parser.error("--%s must be 1 or more" % name)
+    if getattr(args, "limit", None) is not None and args.limit < 1:
+        parser.error("--limit must be 1 or more")
+    if bool(getattr(args, "tls_cert", None)) != bool(
+            getattr(args, "tls_key", None)):
+        parser.error("--tls-cert and --tls-key go together")
     try:
         return args.func(args)
     except UsageError as e:
