@@ -1424,6 +1424,10 @@ _RESPONSE_DONE = (b"response.completed", b"response.incomplete",
 _OPENAI_DONE = re.compile(rb"^data:\s*\[DONE\]\s*$", re.M)
 _ANTHROPIC_EVENT = re.compile(
     rb"^event:\s*(message_start|message_delta|message_stop)\s*$", re.M)
+# anything that makes an event more than text to count
+_MARKER = re.compile(
+    rb'"usage"\s*:\s*\{|\[DONE\]|^event:\s*message_(?:start|delta|stop)|'
+    rb'response\.(?:completed|incomplete|failed)', re.M)
 MAX_EVENT_BYTES = 16 * 1024 * 1024
 
 
@@ -1462,6 +1466,13 @@ class StreamMeter:
 
     def feed(self, data: bytes) -> bytes:
         if self.overflow:
+            return data
+        if not self.buffer and data.endswith((b"\n\n", b"\r\n\r\n")) \
+                and _MARKER.search(data) is None:
+            # whole events with nothing to account for but their text:
+            # the usual case, served without splitting the chunk
+            for match in _TEXT_FIELD.finditer(data):
+                self.text_chars += len(match.group(1))
             return data
         buf = self.buffer
         buf += data
