@@ -2067,11 +2067,31 @@ class UpstreamResponse(http.client.HTTPResponse):
                                         % MAX_HEADER_COUNT)
 
 
-class UpstreamHTTPConnection(http.client.HTTPConnection):
+class OneWriteRequests:
+    """Send a request's head and body in one write.
+
+    http.client writes the head, then the body: with TCP_NODELAY that is
+    two packets, and the provider wakes twice before it can answer. Bodies
+    here are bytes, so they go out with the head. This overrides a private
+    method, unchanged from Python 3.8 to 3.13; anything else falls back.
+    """
+
+    def _send_output(self, message_body=None, encode_chunked=False):
+        if isinstance(message_body, bytes) and not encode_chunked:
+            self._buffer.extend((b"", b""))
+            head = b"\r\n".join(self._buffer)
+            del self._buffer[:]
+            self.send(head + message_body)
+            return
+        super()._send_output(message_body, encode_chunked)
+
+
+class UpstreamHTTPConnection(OneWriteRequests, http.client.HTTPConnection):
     response_class = UpstreamResponse
 
 
-class UpstreamHTTPSConnection(http.client.HTTPSConnection):
+class UpstreamHTTPSConnection(OneWriteRequests,
+                              http.client.HTTPSConnection):
     response_class = UpstreamResponse
 
 
