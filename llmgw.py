@@ -3647,6 +3647,28 @@ class Handler(ProxyMixin, AdminMixin, ConnectionHandler):
     """
 
     def dispatch(self, req: Request) -> None:
+        try:
+            route = self.route(req)
+        except GatewayError as err:
+            self.record_refusal(req, err)
+            raise
+        if route is None:
+            return  # answered: /health, /metrics or the admin API
+        self.anthropic_errors = route.anthropic_errors
+        if route.path == "/models" and req.method == "GET" and \
+                not route.explicit:
+            return self.serve_models(req)
+        metrics = self.gw.metrics
+        with metrics.lock:
+            metrics.inflight += 1
+        try:
+            self.serve_proxy(req, route)
+        finally:
+            with metrics.lock:
+                metrics.inflight -= 1
+
+    def route(self, req: Request) -> Route | None:
+        """The proxy route of a request; None once it has been answered."""
         path, query = split_target(req.target)
         req.path, req.query = path, query
         if path == "/health" and req.method in ("GET", "HEAD"):
@@ -3665,18 +3687,19 @@ class Handler(ProxyMixin, AdminMixin, ConnectionHandler):
                                "no route %s %s: the gateway serves /v1/..., "
                                "/{provider}/v1/..., /health and /admin/..."
                                % (req.method, path[:200]))
-        self.anthropic_errors = route.anthropic_errors
-        if route.path == "/models" and req.method == "GET" and \
-                not route.explicit:
-            return self.serve_models(req)
-        metrics = self.gw.metrics
-        with metrics.lock:
-            metrics.inflight += 1
-        try:
-            self.serve_proxy(req, route)
-        finally:
-            with metrics.lock:
-                metrics.inflight -= 1
+        return route
+
+    def record_refusal(self, req: Request, err: GatewayError) -> None:
+        """A usage row for a valid key refused before it was routed."""
+        secret = client_secret(req.headers)
+        key = self.gw.keys.lookup(secret) if secret else None
+        if key is None or req.path == "/metrics" or \
+                req.path.startswith("/admin"):
+            return  # not a proxy route: nothing to account for
+        req.path = req.path or req.target.partition("?")[0][:200]
+        ex = Exchange(req, Route(None, req.path, "", False, False), key)
+        ex.status, ex.error = err.status, err.code
+        record_exchange(self.gw, ex)
 
     def serve_models(self, req: Request) -> None:
         """GET /v1/models: the models this key may use, OpenAI format.
