@@ -3050,6 +3050,9 @@ class ProxyMixin:
                 self.write_client(self.frame(held, chunked))
                 held = data
                 tail = (tail + data)[-65536:]
+            if resp.length:  # closed short of its Content-Length
+                raise UpstreamFailed("upstream_reset",
+                                     "provider cut its answer short")
         except (ClientGone, UpstreamFailed):
             estimate_usage(ex)  # the usage was in the part never read
             raise
