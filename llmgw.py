@@ -4368,13 +4368,13 @@ def cmd_prices(args) -> int:
 SYSTEMD_UNIT = """\
 # llmgw as a systemd service. Install:
 #   sudo useradd --system --home /var/lib/llmgw --shell /usr/sbin/nologin llmgw
-#   sudo install -D -m 0644 llmgw.py /opt/llmgw/llmgw.py
+#   (llmgw.py must be readable by that user at {script})
 #   sudo install -d -o llmgw -g llmgw -m 0700 /etc/llmgw
-#   sudo -u llmgw {python} /opt/llmgw/llmgw.py --config {config} init
+#   sudo -u llmgw {python} {script} --config {config} init
 #   {python} llmgw.py systemd-unit | sudo tee /etc/systemd/system/llmgw.service
 #   sudo systemctl daemon-reload && sudo systemctl enable --now llmgw
 # Manage keys as the service user:
-#   sudo -u llmgw {python} /opt/llmgw/llmgw.py --config {config} --db {db} keys list
+#   sudo -u llmgw {python} {script} --config {config} --db {db} keys list
 [Unit]
 Description=llmgw LLM API gateway
 After=network-online.target
@@ -4429,13 +4429,22 @@ WantedBy=multi-user.target
 """
 
 
+def installed_script() -> str:
+    """This file's path, unless the unit's sandbox would hide it."""
+    here = os.path.abspath(__file__)
+    if here.startswith(("/home/", "/root/", "/tmp/", "/var/tmp/",
+                        "/run/user/")):
+        return "/opt/llmgw/llmgw.py"  # ProtectHome and PrivateTmp hide it
+    return here
+
+
 def cmd_systemd_unit(args) -> int:
     config_path = os.path.abspath(args.config) if args.config else \
         "/etc/llmgw/llmgw.json"
     drain = DEFAULT_LIMITS["drain_timeout_s"]
     sys.stdout.write(SYSTEMD_UNIT.format(
         python=sys.executable or "/usr/bin/python3",
-        script=args.script or "/opt/llmgw/llmgw.py",
+        script=args.script or installed_script(),
         config=config_path,
         db=os.path.abspath(args.db) if args.db else
         "/var/lib/llmgw/llmgw.db",
@@ -4633,8 +4642,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--user", default="llmgw",
                      help="the service user (default: %(default)s)")
     sub.add_argument("--script", metavar="PATH",
-                     help="where llmgw.py is installed (default: "
-                     "/opt/llmgw/llmgw.py)")
+                     help="where llmgw.py is installed (default: this "
+                     "file, or /opt/llmgw/llmgw.py when this file is under "
+                     "a home or temporary folder the unit cannot see)")
     return parser
 
 
