@@ -4370,7 +4370,7 @@ SYSTEMD_UNIT = """\
 #   sudo useradd --system --home /var/lib/llmgw --shell /usr/sbin/nologin llmgw
 #   (llmgw.py must be readable by that user at {script})
 #   sudo install -d -o llmgw -g llmgw -m 0700 /etc/llmgw
-#   sudo -u llmgw {python} {script} --config {config} init
+#   sudo -u llmgw {python} {script} --config {config} --db {db} init
 #   {python} llmgw.py systemd-unit | sudo tee /etc/systemd/system/llmgw.service
 #   sudo systemctl daemon-reload && sudo systemctl enable --now llmgw
 # Manage keys as the service user:
