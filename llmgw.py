@@ -4369,7 +4369,7 @@ SYSTEMD_UNIT = """\
 # llmgw as a systemd service. Install:
 #   sudo useradd --system --home /var/lib/llmgw --shell /usr/sbin/nologin llmgw
 #   (llmgw.py must be readable by that user at {script})
-#   sudo install -d -o llmgw -g llmgw -m 0700 /etc/llmgw
+#   sudo install -d -o llmgw -g llmgw -m 0700 /etc/llmgw /var/lib/llmgw
 #   sudo -u llmgw {python} {script} --config {config} --db {db} init
 #   {python} llmgw.py systemd-unit | sudo tee /etc/systemd/system/llmgw.service
 #   sudo systemctl daemon-reload && sudo systemctl enable --now llmgw
