@@ -2669,6 +2669,8 @@ def body_pieces(resp):
     else; chunked bodies are read here directly (RFC 9112, section 7.1).
     The caller closes resp when done, as http.client would.
     """
+    if resp.fp is None or resp.length == 0:
+        return  # no body: HEAD, 204, 304
     if not resp.chunked:
         while True:
             data = resp.read1(65536)
