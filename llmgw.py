@@ -2832,20 +2832,25 @@ class ProxyMixin:
             ex.key, sent_model, self.estimate_cost(ex, obj))
         body, strip = req.body, False
         if isinstance(obj, dict):
-            changed = sent_model != model
-            if changed:
+            renamed = sent_model != model
+            options = obj.get("stream_options")
+            strip = (obj.get("stream") is True
+                     and route.kind in ("/chat/completions", "/completions")
+                     and not (isinstance(options, dict)
+                              and options.get("include_usage")))
+            if strip and not renamed and "stream_options" not in obj and \
+                    body.lstrip()[:1] == b"{":
+                # add the option as text: re-encoding a long prompt costs
+                # far more than this, and the client's bytes stay as sent
+                at = body.index(b"{") + 1
+                body = body[:at] + b'"stream_options":{"include_usage":' \
+                    b'true},' + body[at:]
+            elif renamed or strip:
                 obj["model"] = sent_model
-            if (obj.get("stream") is True
-                    and route.kind in ("/chat/completions", "/completions")):
-                options = obj.get("stream_options")
-                if not (isinstance(options, dict)
-                        and options.get("include_usage")):
-                    options = dict(options) if isinstance(
-                        options, dict) else {}
-                    options["include_usage"] = True
-                    obj["stream_options"] = options
-                    strip = changed = True
-            if changed:
+                if strip:
+                    obj["stream_options"] = dict(
+                        options if isinstance(options, dict) else {},
+                        include_usage=True)
                 body = json.dumps(obj).encode()
         conn, resp = self.send_upstream(ex, body)
         self.relay(ex, conn, resp, strip)
