@@ -99,6 +99,10 @@ MAX_HEADER_BYTES = 32 * 1024
 MAX_BUFFERED_RESPONSE = 8 * 1024 * 1024
 # Failed key attempts from one address within a minute before it gets 429.
 MAX_AUTH_FAILURES_PER_MIN = 30
+# Header field values may not hold controls but tab (RFC 9110, 5.5); HTTP
+# lengths are plain decimal digits.
+_BAD_FIELD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_DIGITS = re.compile(r"[0-9]+\Z")
 
 
 def utcnow() -> dt.datetime:
@@ -352,18 +356,19 @@ def check_base_url(name: str, url) -> str | None:
     if not isinstance(url, str) or not url:
         return "provider %r needs a base_url string" % name
     parts = urllib.parse.urlsplit(url)
+    # shown without query, fragment or credentials: they may hold secrets
+    shown = (parts.scheme + "://" if parts.scheme else "") + \
+        (parts.netloc + parts.path).rpartition("@")[2]
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return ("provider %r has base_url %r: it must be an http:// or "
-                "https:// URL with a host" % (name, url))
+                "https:// URL with a host" % (name, shown))
     if parts.query or parts.fragment or "@" in parts.netloc:
-        # the URL is not shown: what is wrong with it may be a secret
-        return ("provider %r has a base_url (%s://%s) that carries a query, "
-                "a fragment or credentials: remove them"
-                % (name, parts.scheme, parts.hostname))
+        return ("provider %r has a base_url (%s) that carries a query, a "
+                "fragment or credentials: remove them" % (name, shown))
     try:
         parts.port
     except ValueError:
-        return "provider %r has base_url %r with a bad port" % (name, url)
+        return "provider %r has base_url %r with a bad port" % (name, shown)
     return None
 
 
@@ -497,11 +502,20 @@ class Config:
             keys = []
             for raw in raw_keys:
                 secret, source = resolve_secret(raw, self.env)
+                if secret is not None and not isinstance(secret, str):
+                    self.problems.append("provider %r: api_keys must be "
+                                         "strings" % name)
+                    continue
+                secret = secret.strip() if secret else secret
                 if secret and not re.fullmatch(r"[\x21-\x7e]+", secret):
                     # it goes into a header line as it is
-                    self.problems.append(
-                        "provider %r: the key from %s holds spaces or "
-                        "characters a header cannot carry" % (name, source))
+                    problem = ("provider %r: the key from %s holds spaces or"
+                               " characters a header cannot carry"
+                               % (name, source))
+                    if name in configured:
+                        self.problems.append(problem)
+                    else:
+                        self.warnings.append(problem + "; it is not used")
                 elif secret:
                     keys.append((secret, source))
                 elif name in configured and raw:
@@ -1009,24 +1023,42 @@ class UsageLog:
         return rows
 
     def _finish(self, rows: list) -> bool:
-        ok = self._write(rows) if rows else self._probe()
+        ok = False
+        try:
+            ok = self._write(rows) if rows else self._probe()
+        finally:
+            self._release(rows, ok)
+        return ok
+
+    def _release(self, rows: list, ok: bool) -> None:
         with self.cond:
             self.writing = False
             if not ok:
                 self.pending[:0] = rows  # kept for the next commit
             self.cond.notify_all()
-        return ok
+
+    def _insert(self, rows: list) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.executemany(INSERT_USAGE, rows)
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
 
     def _write(self, rows: list) -> bool:
         self.last_attempt = time.monotonic()
         try:
-            self.db.execute("BEGIN IMMEDIATE")
             try:
-                self.db.executemany(INSERT_USAGE, rows)
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+                self._insert(rows)
+            except (ValueError, OverflowError, TypeError):
+                # a value SQLite cannot store: write the others, log it
+                for row in rows:
+                    try:
+                        self._insert([row])
+                    except (ValueError, OverflowError, TypeError) as e:
+                        log.error("usage row of request %s cannot be "
+                                  "stored and is lost: %s", row[1], e)
         except sqlite3.Error as e:
             if self.healthy:
                 log.error("cannot record usage (%s): refusing billable "
@@ -1338,7 +1370,8 @@ class Usage:
 
 
 def _int(value) -> int:
-    return value if isinstance(value, int) and value > 0 else 0
+    """A token count from a provider, or 0 for anything implausible."""
+    return value if isinstance(value, int) and 0 < value < 2 ** 53 else 0
 
 
 def usage_from(data, anthropic: bool, usage: Usage | None = None) -> Usage:
@@ -1432,7 +1465,8 @@ _ANTHROPIC_EVENT = re.compile(
 # anything that makes an event more than text to count
 _MARKER = re.compile(
     rb'"usage"\s*:\s*\{|\[DONE\]|^event:\s*message_(?:start|delta|stop)|'
-    rb'response\.(?:completed|incomplete|failed)', re.M)
+    rb'"type"\s*:\s*"message_|response\.(?:completed|incomplete|failed)',
+    re.M)
 MAX_EVENT_BYTES = 16 * 1024 * 1024
 
 
@@ -1514,9 +1548,17 @@ class StreamMeter:
             self.text_chars += len(match.group(1))
         if self.anthropic:
             found = _ANTHROPIC_EVENT.search(event)
-            if found is None:
+            if found is not None:
+                kind = found.group(1)
+            elif b'"message_' in event:  # a stream with data: lines only
+                obj = _event_json(event)
+                kind = obj.get("type") if isinstance(obj, dict) else None
+                kind = kind.encode() if isinstance(kind, str) else None
+            else:
                 return True
-            kind = found.group(1)
+            if kind not in (b"message_start", b"message_delta",
+                            b"message_stop"):
+                return True
             if kind == b"message_stop":
                 self.done = True
                 return True
@@ -2047,7 +2089,7 @@ class UpstreamResponse(http.client.HTTPResponse):
         length = self.headers.get("content-length")
         if length and not self.chunked:
             length = length.strip()
-            self.length = int(length) if length.isdigit() else None
+            self.length = int(length) if _DIGITS.match(length) else None
         if status in (204, 304) or 100 <= status < 200 or \
                 self._method == "HEAD":
             self.length = 0
@@ -2077,7 +2119,8 @@ class LeanRequests:
 
     http.client writes the head, then the body: with TCP_NODELAY that is
     two packets, and the provider wakes twice before it can answer. Bodies
-    here are bytes, so they go out with the head. This uses http.client's
+    here are bytes, so small ones go out with the head (a large one is not
+    copied to join it). This uses http.client's
     private _buffer of head lines and _send_output, both unchanged from
     Python 3.8 to 3.13.
     """
@@ -2099,7 +2142,8 @@ class LeanRequests:
         self.endheaders(body or None)
 
     def _send_output(self, message_body=None, encode_chunked=False):
-        if isinstance(message_body, bytes) and not encode_chunked:
+        if isinstance(message_body, bytes) and not encode_chunked and \
+                len(message_body) <= 65536:
             self._buffer.extend((b"", b""))
             head = b"\r\n".join(self._buffer)
             del self._buffer[:]
@@ -2199,8 +2243,6 @@ class UpstreamPool:
 # deadlines that keep slow clients from holding threads.
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
-_BAD_FIELD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-_DIGITS = re.compile(r"[0-9]+\Z")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
 REASONS = {code: msg for code, (msg, _) in
            BaseHTTPRequestHandler.responses.items()}
@@ -2675,6 +2717,8 @@ def body_pieces(resp):
         while True:
             data = resp.read1(65536)
             if not data:
+                if resp.length:  # closed short of its Content-Length
+                    raise http.client.IncompleteRead(b"")
                 return
             yield data
     fp = resp.fp
@@ -2686,7 +2730,8 @@ def body_pieces(resp):
         size = int(size, 16)
         if size == 0:
             for _ in range(MAX_HEADER_COUNT):  # trailer fields, ignored
-                if fp.readline(MAX_HEADER_BYTES) in (b"\r\n", b"\n"):
+                # (a provider that closes right after the last chunk is done)
+                if fp.readline(MAX_HEADER_BYTES) in (b"\r\n", b"\n", b""):
                     return
             raise http.client.IncompleteRead(b"")  # no end to the trailer
         while size:
@@ -2735,7 +2780,19 @@ def parse_json_body(req: Request):
 def model_of(obj, req: Request) -> str | None:
     if isinstance(obj, dict):
         model = obj.get("model")
-        return model if isinstance(model, str) and model else None
+        if not isinstance(model, str) or not model:
+            return None
+        if len(model) > 256:
+            raise GatewayError(400, "invalid_request",
+                               "the model name is longer than 256 "
+                               "characters", param="model")
+        try:
+            model.encode("utf-8")
+        except UnicodeEncodeError:
+            raise GatewayError(400, "invalid_request",
+                               "the model name is not valid UTF-8",
+                               param="model") from None
+        return model
     ctype = req.headers.get("content-type", "")
     if ctype.startswith("multipart/form-data") and req.body:
         # audio transcription and similar uploads name the model in a part
@@ -2889,8 +2946,8 @@ class ProxyMixin:
                 conn, resp = self._attempt(pool, provider, ex.req.method,
                                            target, body, headers)
             except CannotConnect as e:
-                if last:
-                    timeout = isinstance(e.reason, socket.timeout)
+                timeout = isinstance(e.reason, socket.timeout)
+                if last or timeout:  # every key goes to the same host
                     raise GatewayError(
                         504 if timeout else 502,
                         "upstream_timeout" if timeout else "upstream_error",
@@ -2921,7 +2978,13 @@ class ProxyMixin:
                     conn.close()
                     raise CannotConnect(e) from None
             try:
-                conn.send_request(method, target, headers, body)
+                try:
+                    conn.send_request(method, target, headers, body)
+                except ValueError:  # http.client refuses the target
+                    conn.close()
+                    raise GatewayError(400, "invalid_request",
+                                       "the request cannot be forwarded "
+                                       "as it is") from None
                 return conn, conn.getresponse()
             except STALE_CONNECTION_ERRORS as e:
                 conn.close()
@@ -2937,12 +3000,7 @@ class ProxyMixin:
                     504, "upstream_timeout",
                     "provider %r did not answer in time" % provider.name) \
                     from None
-            except ValueError:  # http.client refuses the header value
-                conn.close()
-                raise GatewayError(400, "invalid_request",
-                                   "a request header holds a character "
-                                   "that cannot be forwarded") from None
-            except (OSError, http.client.HTTPException) as e:
+            except (OSError, http.client.HTTPException, ValueError) as e:
                 conn.close()
                 raise GatewayError(
                     502, "upstream_error",
@@ -2975,7 +3033,8 @@ class ProxyMixin:
                                " which the gateway does not follow"
                                % (provider.name, location[:200]))
         ctype = (resp.getheader("content-type") or "").lower()
-        if resp.status < 300 and "text/event-stream" in ctype:
+        if resp.status < 300 and "text/event-stream" in ctype and \
+                resp.status != 204 and ex.req.method != "HEAD":
             self.relay_stream(ex, conn, resp, strip)
         else:
             self.relay_body(ex, conn, resp)
@@ -3044,7 +3103,7 @@ class ProxyMixin:
             chunked = False
         head = self.head_bytes(
             resp.status, self.response_headers(resp),
-            int(length) if length and length.isdigit() else None,
+            int(length) if length and _DIGITS.match(length) else None,
             chunked, ex.req)
         tail = first[-65536:]
         try:
@@ -3169,17 +3228,24 @@ def estimate_usage(ex: Exchange) -> None:
             usage.estimated = True
 
 
-def record_exchange(gw, ex: Exchange) -> bool:
+def record_exchange(gw, ex: Exchange, wait: bool = True,
+                    shutdown: bool = False) -> bool:
     """Write an exchange's usage row (once) and settle the key's limits.
 
     Returns False when the row could not be committed: the caller must not
     then send the response's last byte. The row stays queued, marked as
-    refused for storage, and is written once the database recovers.
+    refused for storage, and is written once the database recovers. With
+    wait=False the row is only queued (a refusal needs no commit first);
+    shutdown records a request still in flight when the drain ends.
     """
     with gw.record_lock:  # the request's thread, or shutdown, not both
         if ex.recorded:
             return True
         ex.recorded = True
+        if shutdown:
+            ex.error = ex.error or "shutdown"
+            if ex.meter is None or not ex.meter.final:
+                estimate_usage(ex)
     usage = ex.usage
     latency_ms = (time.monotonic() - ex.req.started) * 1000
     cost = gw.prices.cost(ex.model, usage)
@@ -3191,7 +3257,7 @@ def record_exchange(gw, ex: Exchange) -> bool:
            round(ex.ttfb_ms, 3) if ex.ttfb_ms is not None else None,
            round(latency_ms, 3), int(ex.streamed), int(usage.estimated),
            ex.upstream_request_id, ex.error)
-    wait = ex.error != "storage_unavailable"
+    wait = wait and ex.error != "storage_unavailable"
     committed = gw.usage_log.record(row, wait)
     gw.limiter.settle(ex.key.id, ex.reserved, cost, usage.total())
     ex.reserved = 0.0
@@ -3244,8 +3310,7 @@ def _number(name: str, value, integer: bool):
             raise UsageError("%s must be a number, not %r" % (name, value)) \
                 from None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-            math.isnan(value) or math.isinf(value) or value < 0 or \
-            value >= 2 ** 63 or \
+            value < 0 or value >= 2 ** 63 or math.isnan(value) or \
             (integer and (value == 0 or not float(value).is_integer())):
         raise UsageError("%s must be a %s, not %r" % (
             name, "positive whole number" if integer else
@@ -3709,7 +3774,7 @@ class Handler(ProxyMixin, AdminMixin, ConnectionHandler):
         req.path = req.path or req.target.partition("?")[0][:200]
         ex = Exchange(req, Route(None, req.path, "", False, False), key)
         ex.status, ex.error = err.status, err.code
-        record_exchange(self.gw, ex)
+        record_exchange(self.gw, ex, wait=False)
 
     def serve_models(self, req: Request) -> None:
         """GET /v1/models: the models this key may use, OpenAI format.
@@ -3896,6 +3961,8 @@ class Gateway:
             ticks += 1
             try:
                 self.keys.refresh()
+                if self.usage_log.pending:  # refusals queued without a wait
+                    self.usage_log.flush()
                 if ticks % 4 == 0:
                     checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
             except sqlite3.Error as e:
@@ -3942,11 +4009,7 @@ class Gateway:
                         "requests are recorded as cut by shutdown",
                         self.server.connections)
         for ex in list(self.exchanges):
-            if not ex.recorded:
-                ex.error = ex.error or "shutdown"
-                if ex.meter is None or not ex.meter.final:
-                    estimate_usage(ex)
-                record_exchange(self, ex)
+            record_exchange(self, ex, shutdown=True)
         self.usage_log.flush()
         self.watchdog.stopped.set()
         self.pool.close()
