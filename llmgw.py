@@ -1008,11 +1008,16 @@ class UsageLog:
                     self.pending[i] = new_row
                     return
 
-    def flush(self) -> bool:
-        """Commit whatever is queued (at shutdown, and to probe the disk)."""
+    def flush(self, probe: bool = True) -> bool:
+        """Commit whatever is queued (at shutdown, and to probe the disk).
+
+        With probe=False and nothing queued, do nothing.
+        """
         with self.cond:
             while self.writing:
                 self.cond.wait()
+            if not self.pending and not probe:
+                return True
             rows = self._take()
         return self._finish(rows)
 
@@ -3962,7 +3967,7 @@ class Gateway:
             try:
                 self.keys.refresh()
                 if self.usage_log.pending:  # refusals queued without a wait
-                    self.usage_log.flush()
+                    self.usage_log.flush(probe=False)
                 if ticks % 4 == 0:
                     checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
             except sqlite3.Error as e:
