@@ -1776,7 +1776,6 @@ class KeyCache:
         self.store = store
         self.version = None
         self.by_hash = {}
-        self.by_id = {}
         self.lock = threading.Lock()
         self.refresh()
 
@@ -1786,7 +1785,7 @@ class KeyCache:
             version = self.store.keys_version()
             if version == self.version:
                 return False
-            by_hash, by_id = {}, {}
+            by_hash = {}
             for row in self.store.all_keys():
                 try:
                     key = VirtualKey(row)
@@ -1794,8 +1793,7 @@ class KeyCache:
                     log.error("key %s is unusable: %s", row["id"], e)
                     continue
                 by_hash[row["secret_hash"]] = key
-                by_id[key.id] = key
-            self.by_hash, self.by_id, self.version = by_hash, by_id, version
+            self.by_hash, self.version = by_hash, version
             return True
 
     def lookup(self, secret: str) -> VirtualKey | None:
@@ -2851,7 +2849,6 @@ class ProxyMixin:
             raise
         except ClientGone:
             ex.error = ex.error or "client_disconnected"
-            ex.usage.estimated = ex.usage.estimated or not ex.usage.reported
             self.close_connection = True
             self.finish_exchange(ex)
         except UpstreamFailed as e:
@@ -3553,7 +3550,7 @@ class Metrics:
         self.inflight = 0
 
     def observe(self, provider, model, project, status, usage, cost,
-                latency_ms, streamed) -> None:
+                latency_ms) -> None:
         labels = (provider or "", model or "", project or "", status)
         seconds = latency_ms / 1000.0
         with self.lock:
@@ -3918,8 +3915,7 @@ class Gateway:
             provider = ex.route.provider.name if ex.route.provider else None
             self.metrics.observe(provider, ex.model, ex.key.project, status,
                                  ex.usage, ex.cost_usd,
-                                 (time.monotonic() - req.started) * 1000,
-                                 ex.streamed)
+                                 (time.monotonic() - req.started) * 1000)
         if not log.isEnabledFor(logging.INFO):
             return
         fields = {
@@ -4258,11 +4254,10 @@ def get_key_or_fail(store: Store, key_id: str) -> dict:
 def cmd_keys_show(args) -> int:
     store = open_store(args)
     key = store.with_spend(get_key_or_fail(store, args.id))
+    key["status"] = key_status(key)
     if args.output == "json":
-        key["status"] = key_status(key)
         print_json(key)
     else:
-        key["status"] = key_status(key)
         width = max(len(k) for k in key)
         for name, value in key.items():
             sys.stdout.write("%s  %s\n" % (name.ljust(width),
