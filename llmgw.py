@@ -57,6 +57,7 @@ import hmac
 import http.client
 import json
 import logging
+import marshal
 import math
 import os
 import re
@@ -4732,9 +4733,64 @@ def setup_logging(log_format: str = "text", verbose: bool = False,
 
 # ===== main
 
-def main(argv=None) -> int:
+# What the fresh interpreter runs, as `python -c HANDOVER FD SCRIPT ARGS...`:
+# the compiled code read from FD, as if SCRIPT had been run with ARGS.
+HANDOVER = ("import marshal,os,sys;_,fd,__file__=sys.argv[:3];del sys.argv[:2];"
+            "HANDED_OVER=1;exec(marshal.load(os.fdopen(int(fd),'rb')))")
+
+
+def interpreter_flags():
+    """The options before the script name on this interpreter's command line.
+
+    None unless the interpreter was started as `python [options] script`.
+    """
+    argv = getattr(sys, "orig_argv", None)  # Python 3.10 and newer
+    if argv is None:
+        try:
+            with open("/proc/self/cmdline", "rb") as f:
+                argv = [os.fsdecode(a) for a in f.read().split(b"\0")[:-1]]
+        except OSError:
+            return None
+    n = len(sys.argv)
+    if len(argv) <= n or argv[-n:] != sys.argv:
+        return None
+    return argv[1:-n]
+
+
+def serve_without_parse_tree(module_code) -> None:
+    """Exec this interpreter again on this file's compiled code.
+
+    CPython keeps the syntax tree of the script it runs until the script
+    returns: about 10 MB for this file (since Python 3.9), held for as long
+    as `serve` runs. The same interpreter, started again with the same
+    options in the same process (systemd sees the same PID), gets the code
+    already compiled through an in-memory file, so it neither parses nor
+    compiles. Returns, and serving goes on here, where that cannot be done.
+    """
+    flags = interpreter_flags()
+    if flags is None or not sys.executable or not hasattr(os, "memfd_create"):
+        return
+    fd = None
+    try:
+        fd = os.memfd_create("llmgw-code", 0)
+        with open(fd, "wb", closefd=False) as f:
+            marshal.dump(module_code, f)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.set_inheritable(fd, True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable] + flags
+                 + ["-c", HANDOVER, str(fd)] + sys.argv)
+    except (OSError, ValueError):
+        if fd is not None:
+            os.close(fd)
+
+
+def main(argv=None, module_code=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if module_code is not None and args.func is cmd_serve:
+        serve_without_parse_tree(module_code)
     if not log.handlers:
         setup_logging()
     if getattr(args, "limit", None) is not None and args.limit < 1:
@@ -4758,4 +4814,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as a script: hand `serve` this module's compiled code, unless this
+    # interpreter was started by serve_without_parse_tree with it already.
+    sys.exit(main(module_code=None if globals().get("HANDED_OVER")
+                  else sys._getframe().f_code))
