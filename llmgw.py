@@ -4776,8 +4776,9 @@ def setup_logging(log_format: str = "text", verbose: bool = False,
 
 # What the fresh interpreter runs, as `python -c HANDOVER FD SCRIPT ARGS...`:
 # the compiled code read from FD, as if SCRIPT had been run with ARGS.
-HANDOVER = ("import marshal,os,sys;_,fd,__file__=sys.argv[:3];del sys.argv[:2];"
-            "HANDED_OVER=1;exec(marshal.load(os.fdopen(int(fd),'rb')))")
+HANDOVER = ("import marshal,os,sys;fd=sys.argv[1];del sys.argv[:2];"
+            "__file__=os.path.abspath(sys.argv[0]);HANDED_OVER=1;"
+            "exec(marshal.load(os.fdopen(int(fd),'rb')))")
 
 
 def interpreter_flags():
