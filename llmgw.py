@@ -4775,16 +4775,22 @@ def setup_logging(log_format: str = "text", verbose: bool = False,
 # ===== main
 
 # What the fresh interpreter runs, as `python -c HANDOVER FD SCRIPT ARGS...`:
-# the compiled code read from FD, as if SCRIPT had been run with ARGS.
-HANDOVER = ("import marshal,os,sys;fd=sys.argv[1];del sys.argv[:2];"
-            "__file__=os.path.abspath(sys.argv[0]);HANDED_OVER=1;"
-            "exec(marshal.load(os.fdopen(int(fd),'rb')))")
+# the compiled code read from FD, as if SCRIPT had been run with ARGS. A
+# script's directory, not the working directory that -c would put first,
+# leads sys.path (unless -I or -P left both out).
+HANDOVER = (
+    "import marshal,os,sys;f=os.fdopen(int(sys.argv.pop(1)),'rb');"
+    "code=marshal.load(f);f.close();del sys.argv[0],f;"
+    "__file__=os.path.abspath(sys.argv[0]);sys.path[:1]==['']and "
+    "sys.path.__setitem__(0,os.path.dirname(os.path.realpath(__file__)));"
+    "HANDED_OVER=1;exec(code)")
 
 
-def interpreter_flags():
-    """The options before the script name on this interpreter's command line.
+def interpreter_options():
+    """The options on this interpreter's command line, before the script.
 
-    None unless the interpreter was started as `python [options] script`.
+    None unless it was started as `python [options] script`: not with -c,
+    -m (a profiler or debugger running the script, say) or --.
     """
     argv = getattr(sys, "orig_argv", None)  # Python 3.10 and newer
     if argv is None:
@@ -4796,7 +4802,23 @@ def interpreter_flags():
     n = len(sys.argv)
     if len(argv) <= n or argv[-n:] != sys.argv:
         return None
-    return argv[1:-n]
+    options = argv[1:-n]
+    value_next = False  # the previous option takes this one as its value
+    for option in options:
+        if value_next:
+            value_next = False
+        elif option == "--check-hash-based-pycs":
+            value_next = True
+        elif option[:1] != "-" or option[:2] == "--" or option == "-":
+            return None
+        else:
+            for at, letter in enumerate(option[1:], 1):
+                if letter in "cm":
+                    return None
+                if letter in "WX":  # -Wvalue, -W value
+                    value_next = at == len(option) - 1
+                    break
+    return None if value_next else options
 
 
 def serve_without_parse_tree(module_code) -> None:
@@ -4804,13 +4826,15 @@ def serve_without_parse_tree(module_code) -> None:
 
     CPython keeps the syntax tree of the script it runs until the script
     returns: about 10 MB for this file (since Python 3.9), held for as long
-    as `serve` runs. The same interpreter, started again with the same
-    options in the same process (systemd sees the same PID), gets the code
-    already compiled through an in-memory file, so it neither parses nor
-    compiles. Returns, and serving goes on here, where that cannot be done.
+    as `serve` runs. The same interpreter binary, started again with the
+    same options in the same process (systemd sees the same PID), gets the
+    code already compiled through an in-memory file, so it neither parses
+    nor compiles. Returns, and serving goes on here, where that cannot be
+    done.
     """
-    flags = interpreter_flags()
-    if flags is None or not sys.executable or not hasattr(os, "memfd_create"):
+    options = interpreter_options()
+    if options is None or not sys.executable or \
+            not hasattr(os, "memfd_create"):
         return
     fd = None
     try:
@@ -4821,7 +4845,9 @@ def serve_without_parse_tree(module_code) -> None:
         os.set_inheritable(fd, True)
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execv(sys.executable, [sys.executable] + flags
+        # /proc/self/exe: this very binary, even if sys.executable now
+        # names another Python (compiled code is for one version only)
+        os.execv("/proc/self/exe", [sys.executable] + options
                  + ["-c", HANDOVER, str(fd)] + sys.argv)
     except (OSError, ValueError):
         if fd is not None:

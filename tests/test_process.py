@@ -88,14 +88,15 @@ class Serve(object):
         return self.proc.returncode
 
 
+@pytest.mark.parametrize("options", [["-I", "-S"], ["-X", "dev", "-W", "error"]])
 def test_serve_keeps_its_pid_options_and_arguments_and_stops_cleanly(
-        tmp_path):
-    server = Serve(tmp_path, ["-I", "-S"])
+        tmp_path, options):
+    server = Serve(tmp_path, options)
     try:
         cmdline = server.cmdline()
         # the same process, started again with the interpreter's own options
-        assert cmdline[1:3] == ["-I", "-S"], cmdline
-        assert "-c" in cmdline
+        assert cmdline[1:len(options) + 1] == options, cmdline
+        assert cmdline[len(options) + 1] == "-c"
         # ps and pgrep -f still show the script and its arguments
         assert cmdline[-len(server.tail) - 1:] == [LLMGW] + server.tail
         assert server.health()[0] == 200
@@ -105,6 +106,37 @@ def test_serve_keeps_its_pid_options_and_arguments_and_stops_cleanly(
     log = server.text()
     assert "stopped" in log
     assert "Traceback" not in log
+    assert "Warning" not in log  # -X dev and -W error: nothing left open
+
+
+def test_serve_imports_from_its_own_folder_not_the_working_directory(
+        tmp_path):
+    # a script's folder leads sys.path, the working directory does not
+    for name in ("json", "hmac", "sqlite3"):
+        (tmp_path / (name + ".py")).write_text(
+            'raise SystemExit("imported %s.py from the working directory")'
+            % name)
+    server = Serve(tmp_path)
+    try:
+        assert "-c" in server.cmdline()
+        assert server.health()[0] == 200
+    finally:
+        rc = server.stop()
+    assert rc == 0
+    assert "working directory" not in server.text()
+
+
+@pytest.mark.parametrize("runner", [["--"], ["-m", "cProfile", "-o", "prof"]])
+def test_serve_run_by_a_profiler_or_after_double_dash_serves_in_place(
+        tmp_path, runner):
+    server = Serve(tmp_path, runner)
+    try:
+        assert server.cmdline()[1:len(runner) + 1] == runner
+        assert server.health()[0] == 200
+    finally:
+        rc = server.stop()
+    assert rc == 0
+    assert "stopped" in server.text()
 
 
 def test_serve_run_another_way_serves_in_its_own_interpreter(tmp_path):
