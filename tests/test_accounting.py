@@ -432,3 +432,34 @@ def test_an_upstream_500_leaves_one_row_with_an_error(gw, upstream, key,
     assert row["error"]
     assert row["output_tokens"] == 0
     assert row["upstream_request_id"] == upstream.last.upstream_request_id
+
+
+@pytest.mark.parametrize("end, usage", [
+    ("response.incomplete", {"input_tokens": 70, "output_tokens": 12,
+                             "total_tokens": 82}),
+    ("response.failed", None),
+])
+def test_a_responses_stream_ending_incomplete_or_failed_is_not_cut_short(
+        gw, upstream, key, end, usage):
+    # Both are the stream's last event, as response.completed is; the
+    # output deltas before them are plain text to count.
+    upstream.queue(Reply(events=[
+        {"type": "response.created",
+         "response": {"id": "resp_x", "status": "in_progress",
+                      "usage": None}},
+        {"type": "response.output_text.delta", "delta": "Hello"},
+        {"type": "response.output_text.delta", "delta": " there"},
+        {"type": end,
+         "response": {"id": "resp_x", "status": end.split(".")[1],
+                      "usage": usage}},
+    ]))
+    events = gw.stream(RESPONSES, body_for(RESPONSES, "gpt-4o", True),
+                       headers={"x-api-key": key["secret"]})
+    assert events.status == 200
+    assert events.names()[-1] == end
+
+    row = one_row(gw, key)
+    assert row["error"] is None  # not "upstream_truncated"
+    if usage:
+        assert row["estimated"] == 0
+        assert (row["input_tokens"], row["output_tokens"]) == (70, 12)
