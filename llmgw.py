@@ -4865,8 +4865,6 @@ def serve_without_parse_tree(module_code) -> None:
 def main(argv=None, module_code=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if module_code is not None and args.func is cmd_serve:
-        serve_without_parse_tree(module_code)
     if not log.handlers:
         setup_logging()
     if getattr(args, "limit", None) is not None and args.limit < 1:
@@ -4874,6 +4872,8 @@ def main(argv=None, module_code=None) -> int:
     if bool(getattr(args, "tls_cert", None)) != bool(
             getattr(args, "tls_key", None)):
         parser.error("--tls-cert and --tls-key go together")
+    if module_code is not None and args.func is cmd_serve:
+        serve_without_parse_tree(module_code)
     try:
         return args.func(args)
     except UsageError as e:
