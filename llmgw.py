@@ -2039,16 +2039,28 @@ class AuthThrottle:
 # Keep-alive connections to providers, pooled per origin, so a request pays
 # no TCP or TLS handshake when an idle connection exists. TLS is verified
 # against the system's trust store; redirects are never followed.
+#
+# The client is written here rather than taken from http.client, which
+# does several times the work a proxy needs: it validates every header
+# field with regular expressions (the request parser has already done
+# so), sends the head and the body in separate writes, parses response
+# headers with the email package, and makes a new buffered file for every
+# response. Its exception classes are kept, so callers tell the same
+# failures apart.
 
 # Errors that mean a pooled connection had been closed by the provider
 # while idle: the request never reached it and is safe to send again.
 STALE_CONNECTION_ERRORS = (http.client.RemoteDisconnected,
                            ConnectionResetError, BrokenPipeError,
                            ConnectionAbortedError)
+# what may not appear in a request target on the wire (space, controls,
+# anything outside ASCII)
+_BAD_TARGET = re.compile(r"[^\x21-\x7e]")
+MAX_STATUS_LINE = 64 * 1024
 
 
 class ResponseHeaders:
-    """The few methods http.client needs of a response's header fields."""
+    """A response's header fields, in order, and by lower-case name."""
 
     __slots__ = ("fields", "by_name")
 
@@ -2058,123 +2070,160 @@ class ResponseHeaders:
         for name, value in fields:
             self.by_name.setdefault(name.lower(), []).append(value)
 
-    def get(self, name, default=None):
-        values = self.by_name.get(name.lower())
+    def get(self, name: str, default=None):
+        values = self.by_name.get(name)
         return values[0] if values else default
 
-    def get_all(self, name, failobj=None):
-        return self.by_name.get(name.lower(), failobj)
 
-    def items(self):
-        return list(self.fields)
+class UpstreamResponse:
+    """A provider's status and header fields, and how its body is framed
+    (RFC 9112, section 6.3). body_pieces() reads the body."""
 
+    __slots__ = ("status", "reason", "headers", "fp", "chunked", "length",
+                 "will_close")
 
-class UpstreamResponse(http.client.HTTPResponse):
-    """http.client's response, reading header fields without email.parser.
-
-    The email package is general and slow: it cost more than all the rest
-    of the Python work of a proxied request. Provider answers are plain
-    HTTP/1.1, so this reads fields into a small mapping, with the same
-    framing rules as http.client (RFC 9112, section 6.3).
-    """
-
-    def begin(self):
-        if self.headers is not None:
-            return
-        while True:
-            version, status, reason = self._read_status()
-            if status != http.client.CONTINUE:
-                break
-            self._read_fields()  # the interim 100 response's
-        self.code = self.status = status
-        self.reason = reason.strip()
-        if version in ("HTTP/1.0", "HTTP/0.9"):
-            self.version = 10
-        elif version.startswith("HTTP/1."):
-            self.version = 11
+    def __init__(self, status: int, reason: str, version: str,
+                 headers: ResponseHeaders, fp, method: str):
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.fp = fp
+        connection = (headers.get("connection") or "").lower()
+        if version == "HTTP/1.0":
+            self.will_close = "keep-alive" not in connection and \
+                headers.get("keep-alive") is None
         else:
-            raise http.client.UnknownProtocol(version)
-        self.headers = self.msg = ResponseHeaders(self._read_fields())
-        encoding = self.headers.get("transfer-encoding")
+            self.will_close = "close" in connection
+        encoding = headers.get("transfer-encoding")
         self.chunked = bool(encoding) and encoding.lower() == "chunked"
-        self.chunk_left = None
-        self.will_close = self._check_close()
-        self.length = None
-        length = self.headers.get("content-length")
+        self.length = None  # unknown: the body ends with the connection
+        length = headers.get("content-length")
         if length and not self.chunked:
             length = length.strip()
             self.length = int(length) if _DIGITS.match(length) else None
-        if status in (204, 304) or 100 <= status < 200 or \
-                self._method == "HEAD":
+        if status in (204, 304) or method == "HEAD":
             self.length = 0
         if not self.will_close and not self.chunked and self.length is None:
-            self.will_close = True  # the body ends when the connection does
+            self.will_close = True
 
-    def _read_fields(self) -> list:
-        fields = []
-        for _ in range(MAX_HEADER_COUNT + 1):
-            line = self.fp.readline(MAX_HEADER_BYTES + 1)
-            if len(line) > MAX_HEADER_BYTES:
-                raise http.client.LineTooLong("header line")
-            if line in (b"\r\n", b"\n", b""):
-                return fields
-            name, _, value = line.decode("iso-8859-1").partition(":")
-            if name[:1] in (" ", "\t") and fields:  # obsolete folding
-                fields[-1] = (fields[-1][0], fields[-1][1] + " " +
-                              line.decode("iso-8859-1").strip())
-                continue
-            fields.append((name.strip(), value.strip()))
-        raise http.client.HTTPException("more than %d header fields"
-                                        % MAX_HEADER_COUNT)
+    def getheader(self, name: str, default=None):
+        return self.headers.get(name, default)
+
+    def getheaders(self) -> list:
+        return self.headers.fields
 
 
-class LeanRequests:
-    """Requests written with less work than http.client's own.
+def read_fields(fp) -> list:
+    """Header fields up to the blank line, as (name, value) pairs."""
+    fields = []
+    for _ in range(MAX_HEADER_COUNT + 1):
+        line = fp.readline(MAX_HEADER_BYTES + 1)
+        if len(line) > MAX_HEADER_BYTES:
+            raise http.client.LineTooLong("header line")
+        if line in (b"\r\n", b"\n", b""):
+            return fields
+        text = line.decode("iso-8859-1")
+        if text[:1] in (" ", "\t") and fields:  # obsolete line folding
+            name, value = fields[-1]
+            fields[-1] = (name, value + " " + text.strip())
+            continue
+        name, _, value = text.partition(":")
+        fields.append((name.strip(), value.strip()))
+    raise http.client.HTTPException("more than %d header fields"
+                                    % MAX_HEADER_COUNT)
 
-    http.client writes the head, then the body: with TCP_NODELAY that is
-    two packets, and the provider wakes twice before it can answer. Bodies
-    here are bytes, so small ones go out with the head (a large one is not
-    copied to join it). This uses http.client's
-    private _buffer of head lines and _send_output, both unchanged from
-    Python 3.8 to 3.13.
-    """
+
+class UpstreamConnection:
+    """One keep-alive HTTP/1.1 connection to a provider's origin."""
+
+    __slots__ = ("host", "port", "host_header", "timeout", "context",
+                 "sock", "fp")
+
+    def __init__(self, provider: Provider, timeout: float, context=None):
+        self.host, self.port = provider.host, provider.port
+        host = "[%s]" % self.host if ":" in self.host else self.host
+        default = 443 if context is not None else 80
+        self.host_header = host if self.port == default else \
+            "%s:%d" % (host, self.port)
+        self.timeout = timeout  # for connecting
+        self.context = context  # TLS, or None for plain HTTP
+        self.sock = self.fp = None
+
+    def connect(self, read_timeout: float) -> None:
+        sock = socket.create_connection((self.host, self.port), self.timeout)
+        try:
+            # the head and small bodies go in one write: never wait for ACKs
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.context is not None:
+                sock = self.context.wrap_socket(sock,
+                                                server_hostname=self.host)
+            sock.settimeout(read_timeout)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock, self.fp = sock, sock.makefile("rb")
 
     def send_request(self, method: str, target: str, fields: dict,
                      body: bytes) -> None:
         """Send a request whose header fields are already validated.
 
-        http.client checks every field with two regular expressions; here
-        the names are tokens and the values free of control characters
-        (the request parser and the config check make sure), so the lines
-        are added as they are.
+        The names are tokens and the values free of control characters
+        (the request parser and the config check make sure). ValueError
+        for a target that cannot go on the wire.
         """
-        self.putrequest(method, target, skip_accept_encoding=True)
-        lines = ["%s: %s" % item for item in fields.items()]
+        if _BAD_TARGET.search(target):
+            raise ValueError("the request target holds a character that "
+                             "cannot be sent")
+        lines = ["%s %s HTTP/1.1\r\nhost: %s\r\n" % (method, target,
+                                                     self.host_header)]
+        lines.extend(["%s: %s\r\n" % item for item in fields.items()])
         if body or method in ("POST", "PUT", "PATCH"):
-            lines.append("content-length: %d" % len(body))
-        self._buffer.extend(line.encode("latin-1") for line in lines)
-        self.endheaders(body or None)
+            lines.append("content-length: %d\r\n" % len(body))
+        lines.append("\r\n")
+        head = "".join(lines).encode("latin-1")
+        if len(body) <= 65536:
+            self.sock.sendall(head + body)  # one packet, one wakeup
+        else:
+            self.sock.sendall(head)  # not copied to join the head
+            self.sock.sendall(body)
 
-    def _send_output(self, message_body=None, encode_chunked=False):
-        if isinstance(message_body, bytes) and not encode_chunked and \
-                len(message_body) <= 65536:
-            self._buffer.extend((b"", b""))
-            head = b"\r\n".join(self._buffer)
-            del self._buffer[:]
-            self.send(head + message_body)
-            return
-        super()._send_output(message_body, encode_chunked)
+    def getresponse(self, method: str) -> UpstreamResponse:
+        """Read the status line and header fields of the next answer,
+        skipping interim (1xx) answers."""
+        fp = self.fp
+        for _ in range(MAX_HEADER_COUNT):
+            line = fp.readline(MAX_STATUS_LINE + 1)
+            if not line:
+                raise http.client.RemoteDisconnected(
+                    "the provider closed the connection without an answer")
+            if len(line) > MAX_STATUS_LINE:
+                raise http.client.LineTooLong("status line")
+            parts = line.decode("iso-8859-1").split(None, 2)
+            version = parts[0] if parts else ""
+            code = parts[1] if len(parts) > 1 else ""
+            if not version.startswith("HTTP/") or len(code) != 3 or \
+                    not code.isdigit():
+                raise http.client.BadStatusLine(repr(line[:100]))
+            if version not in ("HTTP/1.1", "HTTP/1.0"):
+                raise http.client.UnknownProtocol(version)
+            status = int(code)
+            fields = read_fields(fp)
+            if status >= 200:
+                reason = parts[2].strip() if len(parts) > 2 else ""
+                return UpstreamResponse(status, reason, version,
+                                        ResponseHeaders(fields), fp, method)
+        raise http.client.HTTPException("too many interim answers")
+
+    def close(self) -> None:
+        fp, sock = self.fp, self.sock
+        self.fp = self.sock = None
+        if fp is not None:
+            fp.close()
+        if sock is not None:
+            sock.close()
 
 
-class UpstreamHTTPConnection(LeanRequests, http.client.HTTPConnection):
-    response_class = UpstreamResponse
-
-
-class UpstreamHTTPSConnection(LeanRequests, http.client.HTTPSConnection):
-    response_class = UpstreamResponse
-
-
-def alive(conn) -> bool:
+def alive(conn: UpstreamConnection) -> bool:
     """False when an idle connection was closed by the provider.
 
     An idle keep-alive connection has nothing to read; if it is readable,
@@ -2193,7 +2242,7 @@ def alive(conn) -> bool:
 
 
 class UpstreamPool:
-    """Idle http.client connections per (scheme, host, port)."""
+    """Idle connections per (scheme, host, port)."""
 
     MAX_IDLE_PER_ORIGIN = 64
     MAX_IDLE_AGE_S = 50.0  # below the usual keep-alive timeouts of servers
@@ -2218,18 +2267,15 @@ class UpstreamPool:
             if now - since < self.MAX_IDLE_AGE_S and alive(conn):
                 return conn, True
             conn.close()
+        context = None
         if provider.scheme == "https":
             if self._ssl_context is None:
                 self._ssl_context = ssl.create_default_context()
-            conn = UpstreamHTTPSConnection(
-                provider.host, provider.port, timeout=self.connect_timeout,
-                context=self._ssl_context)
-        else:
-            conn = UpstreamHTTPConnection(
-                provider.host, provider.port, timeout=self.connect_timeout)
-        return conn, False
+            context = self._ssl_context
+        return UpstreamConnection(provider, self.connect_timeout,
+                                  context), False
 
-    def put(self, provider: Provider, conn) -> None:
+    def put(self, provider: Provider, conn: UpstreamConnection) -> None:
         origin = (provider.scheme, provider.host, provider.port)
         with self.lock:
             conns = self.idle.setdefault(origin, [])
@@ -2238,10 +2284,9 @@ class UpstreamPool:
                 return
         conn.close()
 
-    def connect(self, conn) -> None:
+    def connect(self, conn: UpstreamConnection) -> None:
         """Open a new connection, then switch to the read timeout."""
-        conn.connect()
-        conn.sock.settimeout(self.read_timeout)
+        conn.connect(self.read_timeout)
 
     def close(self) -> None:
         with self.lock:
@@ -2738,37 +2783,31 @@ class Exchange:
             self.ttfb_ms = (time.monotonic() - self.req.started) * 1000
 
 
-def read_upstream(read) -> bytes:
-    """One read of a provider's answer that has started reaching the client."""
-    try:
-        return read()
-    except socket.timeout:
-        raise UpstreamFailed("upstream_timeout",
-                             "provider went silent mid-answer") from None
-    except (OSError, http.client.HTTPException):
-        raise UpstreamFailed("upstream_reset",
-                             "provider cut its answer short") from None
+def cut_answer(e: Exception) -> UpstreamFailed:
+    """What a failed read of an answer already reaching the client means."""
+    if isinstance(e, socket.timeout):
+        return UpstreamFailed("upstream_timeout",
+                              "provider went silent mid-answer")
+    return UpstreamFailed("upstream_reset", "provider cut its answer short")
 
 
 def body_pieces(resp):
-    """Yield an answer's body as it arrives, without chunk framing.
-
-    http.client decodes chunked framing through four layers of calls per
-    chunk, and a stream of small events spent more time there than anywhere
-    else; chunked bodies are read here directly (RFC 9112, section 7.1).
-    The caller closes resp when done, as http.client would.
-    """
-    if resp.fp is None or resp.length == 0:
-        return  # no body: HEAD, 204, 304
-    if not resp.chunked:
-        while True:
-            data = resp.read1(65536)
-            if not data:
-                if resp.length:  # closed short of its Content-Length
-                    raise http.client.IncompleteRead(b"")
-                return
-            yield data
+    """Yield an answer's body as it arrives, without chunk framing
+    (RFC 9112, section 7.1). IncompleteRead when it is cut short; its
+    `expected` is the bytes missing from a Content-Length body."""
     fp = resp.fp
+    if not resp.chunked:
+        left = resp.length  # None: until the provider closes
+        while left != 0:
+            data = fp.read1(65536 if left is None else min(left, 65536))
+            if not data:
+                if left:
+                    raise http.client.IncompleteRead(b"", left)
+                return
+            if left is not None:
+                left -= len(data)
+            yield data
+        return
     while True:
         line = fp.readline(1026)
         size = line.split(b";", 1)[0].strip()
@@ -3007,7 +3046,6 @@ class ProxyMixin:
             if (status == 429 or status >= 500) and not last:
                 log.warning("provider %s answered %d, trying its next key",
                             provider.name, status)
-                resp.close()
                 conn.close()
                 continue
             return conn, resp
@@ -3026,12 +3064,12 @@ class ProxyMixin:
             try:
                 try:
                     conn.send_request(method, target, headers, body)
-                except ValueError:  # http.client refuses the target
+                except ValueError:  # a target that cannot go on the wire
                     conn.close()
                     raise GatewayError(400, "invalid_request",
                                        "the request cannot be forwarded "
                                        "as it is") from None
-                return conn, conn.getresponse()
+                return conn, conn.getresponse(method)
             except STALE_CONNECTION_ERRORS as e:
                 conn.close()
                 if reused:
@@ -3072,7 +3110,6 @@ class ProxyMixin:
             resp.getheader("request-id")
         if 300 <= resp.status < 400:
             location = resp.getheader("location", "")
-            resp.close()
             conn.close()
             raise GatewayError(502, "upstream_error",
                                "provider %r answered with a redirect to %r,"
@@ -3088,14 +3125,27 @@ class ProxyMixin:
     def relay_body(self, ex: Exchange, conn, resp) -> None:
         """Relay a whole response, reading usage from it first."""
         provider = ex.route.provider
+        pieces = body_pieces(resp)
+        parts, size = [], 0
         try:
-            body = resp.read(MAX_BUFFERED_RESPONSE + 1)
-            if len(body) > MAX_BUFFERED_RESPONSE:
-                return self.relay_large(ex, conn, resp, body)
+            for data in pieces:
+                parts.append(data)
+                size += len(data)
+                if size > MAX_BUFFERED_RESPONSE:
+                    return self.relay_large(ex, conn, resp, b"".join(parts),
+                                            pieces)
         except socket.timeout:
             conn.close()
             raise GatewayError(504, "upstream_timeout",
                                "provider %r stopped sending its answer"
+                               % provider.name) from None
+        except http.client.IncompleteRead as e:
+            conn.close()
+            raise GatewayError(502, "upstream_error",
+                               "provider %r closed its answer %d bytes "
+                               "short of its Content-Length"
+                               % (provider.name, e.expected) if e.expected
+                               else "provider %r sent an incomplete answer"
                                % provider.name) from None
         except (OSError, http.client.HTTPException) as e:
             conn.close()
@@ -3103,12 +3153,7 @@ class ProxyMixin:
                                "provider %r sent an incomplete answer (%s)"
                                % (provider.name, type(e).__name__)) \
                 from None
-        if resp.length:
-            conn.close()  # http.client returns a short body without a fuss
-            raise GatewayError(502, "upstream_error",
-                               "provider %r closed its answer %d bytes "
-                               "short of its Content-Length"
-                               % (provider.name, resp.length))
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
         if resp.will_close:
             conn.close()
         else:
@@ -3134,7 +3179,8 @@ class ProxyMixin:
         except OSError:
             self.close_connection = True
 
-    def relay_large(self, ex: Exchange, conn, resp, first: bytes) -> None:
+    def relay_large(self, ex: Exchange, conn, resp, first: bytes,
+                    pieces) -> None:
         """Relay a response too large to hold, reading usage from its tail.
 
         The last piece is held back until the usage row is committed.
@@ -3155,16 +3201,13 @@ class ProxyMixin:
         try:
             self.write_client(head)
             held = first
-            while True:
-                data = read_upstream(lambda: resp.read(65536))
-                if not data:
-                    break
-                self.write_client(self.frame(held, chunked))
-                held = data
-                tail = (tail + data)[-65536:]
-            if resp.length:  # closed short of its Content-Length
-                raise UpstreamFailed("upstream_reset",
-                                     "provider cut its answer short")
+            try:
+                for data in pieces:
+                    self.write_client(self.frame(held, chunked))
+                    held = data
+                    tail = (tail + data)[-65536:]
+            except (OSError, http.client.HTTPException) as e:
+                raise cut_answer(e) from None  # (the client's: ClientGone)
         except (ClientGone, UpstreamFailed):
             estimate_usage(ex)  # the usage was in the part never read
             raise
@@ -3203,17 +3246,16 @@ class ProxyMixin:
                                None, chunked, ex.req)
         pending = head
         finished = False
-        pieces = body_pieces(resp)
         try:
-            while True:
-                data = read_upstream(lambda: next(pieces, b""))
-                if not data:
-                    break
-                out = meter.feed(data)
-                if out:
-                    ex.first_byte()
-                    self.write_client(pending + self.frame(out, chunked))
-                    pending = b""
+            try:
+                for data in body_pieces(resp):
+                    out = meter.feed(data)
+                    if out:
+                        ex.first_byte()
+                        self.write_client(pending + self.frame(out, chunked))
+                        pending = b""
+            except (OSError, http.client.HTTPException) as e:
+                raise cut_answer(e) from None  # (the client's: ClientGone)
             finished = True
         except UpstreamFailed as e:
             ex.error = e.kind
@@ -3225,7 +3267,6 @@ class ProxyMixin:
             if not meter.final:
                 estimate_usage(ex)
             if finished and not resp.will_close:
-                resp.close()  # the body was read past http.client
                 self.gw.pool.put(provider, conn)
             else:
                 conn.close()
@@ -3253,7 +3294,7 @@ class ProxyMixin:
         if not data:
             return
         try:
-            self.wfile.write(data)
+            self.connection.sendall(data)
         except OSError:
             raise ClientGone() from None
 
