@@ -3721,29 +3721,38 @@ class AccessFormatter(logging.Formatter):
         self.as_json = as_json
 
     def format(self, record):
-        t = time.gmtime(record.created)
+        fields = getattr(record, "access", None)
+        return self.line(
+            record.created, record.levelname.lower(), fields,
+            record.getMessage() if fields is None else None,
+            self.formatException(record.exc_info) if record.exc_info
+            else None)
+
+    def line(self, created: float, level: str, fields: dict | None = None,
+             message: str | None = None, traceback: str | None = None):
+        """One line: the access fields of a request, or a message."""
+        t = time.gmtime(created)
         stamp = "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ" % (
             t.tm_year, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min, t.tm_sec,
-            record.msecs)
-        fields = getattr(record, "access", None)
+            int(created % 1 * 1000))
         if self.as_json:
-            obj = {"time": stamp, "level": record.levelname.lower()}
+            obj = {"time": stamp, "level": level}
             if fields is not None:
                 obj.update(fields)
             else:
-                obj["message"] = record.getMessage()
-            if record.exc_info:
-                obj["traceback"] = self.formatException(record.exc_info)
+                obj["message"] = message
+            if traceback:
+                obj["traceback"] = traceback
             return json.dumps(obj)
         if fields is not None:
             text = escape_control(" ".join(
                 ["%s=%s" % item for item in fields.items()
                  if item[1] is not None]))
         else:
-            text = escape_control(record.getMessage())
-        line = "%s %s %s" % (stamp, record.levelname.lower(), text)
-        if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+            text = escape_control(message)
+        line = "%s %s %s" % (stamp, level, text)
+        if traceback:
+            line += "\n" + traceback
         return line
 
 
@@ -3771,6 +3780,11 @@ class BackgroundLogHandler(logging.Handler):
     def emit(self, record):
         self.records.append(record)
 
+    def access(self, fields: dict) -> None:
+        """Queue a request's access line, without the logging module's
+        LogRecord (most of the cost of logging it)."""
+        self.records.append((time.time(), fields))
+
     def _run(self) -> None:
         while not self.stopped.wait(self.INTERVAL_S):
             self._drain()
@@ -3780,9 +3794,16 @@ class BackgroundLogHandler(logging.Handler):
         while self.records:
             record = self.records.popleft()
             try:
-                lines.append(self.format(record))
+                if type(record) is tuple:  # from access()
+                    lines.append(self.formatter.line(record[0], "info",
+                                                     record[1]))
+                else:
+                    lines.append(self.format(record))
             except Exception:  # a broken record must not stop the log
-                self.handleError(record)
+                if type(record) is tuple:
+                    lines.append(escape_control(repr(record[1])))
+                else:
+                    self.handleError(record)
         if lines:
             try:
                 self.stream.write("\n".join(lines) + "\n")
@@ -3988,6 +4009,10 @@ class Gateway:
         self.draining = False
         self.stopping = threading.Event()
         self.server = None
+        writer = next((h for h in log.handlers
+                       if isinstance(h, BackgroundLogHandler)), None)
+        self.log_access = writer.access if writer is not None else \
+            lambda fields: log.info("request", extra={"access": fields})
         self._id_prefix = secrets.token_hex(3)
         self._ids = iter(range(1, 1 << 62))
 
@@ -4023,7 +4048,7 @@ class Gateway:
         if req is not None:
             fields["latency_ms"] = round(
                 (time.monotonic() - req.started) * 1000, 1)
-        log.info("request", extra={"access": fields})
+        self.log_access(fields)
 
     # running
 
