@@ -106,6 +106,7 @@ _BAD_FIELD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 # the same in header lines joined by CRLF: any control but tab, or a lone CR
 _BAD_HEAD_CHARACTER = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)")
 _DIGITS = re.compile(r"[0-9]+\Z")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 
 
 def utcnow() -> dt.datetime:
@@ -2040,13 +2041,12 @@ class AuthThrottle:
 # no TCP or TLS handshake when an idle connection exists. TLS is verified
 # against the system's trust store; redirects are never followed.
 #
-# The client is written here rather than taken from http.client, which
-# does several times the work a proxy needs: it validates every header
-# field with regular expressions (the request parser has already done
-# so), sends the head and the body in separate writes, parses response
-# headers with the email package, and makes a new buffered file for every
-# response. Its exception classes are kept, so callers tell the same
-# failures apart.
+# The client is written here: http.client does more than a proxy needs on
+# every request. It checks every header field with regular expressions
+# (the request parser has already done so), sends the head and the body in
+# separate writes, parses response headers with the email package and
+# makes a new buffered file for every response. Its exception classes are
+# kept, so callers tell the same failures apart.
 
 # Errors that mean a pooled connection had been closed by the provider
 # while idle: the request never reached it and is safe to send again.
@@ -2079,13 +2079,12 @@ class UpstreamResponse:
     """A provider's status and header fields, and how its body is framed
     (RFC 9112, section 6.3). body_pieces() reads the body."""
 
-    __slots__ = ("status", "reason", "headers", "fp", "chunked", "length",
+    __slots__ = ("status", "headers", "fp", "chunked", "length",
                  "will_close")
 
-    def __init__(self, status: int, reason: str, version: str,
-                 headers: ResponseHeaders, fp, method: str):
+    def __init__(self, status: int, version: str, headers: ResponseHeaders,
+                 fp, method: str):
         self.status = status
-        self.reason = reason
         self.headers = headers
         self.fp = fp
         connection = (headers.get("connection") or "").lower()
@@ -2102,7 +2101,7 @@ class UpstreamResponse:
             length = length.strip()
             self.length = int(length) if _DIGITS.match(length) else None
         if status in (204, 304) or method == "HEAD":
-            self.length = 0
+            self.chunked, self.length = False, 0  # no body, whatever it says
         if not self.will_close and not self.chunked and self.length is None:
             self.will_close = True
 
@@ -2114,7 +2113,13 @@ class UpstreamResponse:
 
 
 def read_fields(fp) -> list:
-    """Header fields up to the blank line, as (name, value) pairs."""
+    """Header fields up to the blank line, as (name, value) pairs.
+
+    Lines that are not a field (no colon, or a name that is not a token)
+    are dropped; a control character in a value, a bare CR above all,
+    becomes a space, so it can never end a line for the client (RFC 9112,
+    section 2.2; RFC 9110, section 5.5).
+    """
     fields = []
     for _ in range(MAX_HEADER_COUNT + 1):
         line = fp.readline(MAX_HEADER_BYTES + 1)
@@ -2122,13 +2127,18 @@ def read_fields(fp) -> list:
             raise http.client.LineTooLong("header line")
         if line in (b"\r\n", b"\n", b""):
             return fields
-        text = line.decode("iso-8859-1")
-        if text[:1] in (" ", "\t") and fields:  # obsolete line folding
-            name, value = fields[-1]
-            fields[-1] = (name, value + " " + text.strip())
+        text = line.decode("iso-8859-1").rstrip("\r\n")
+        if _BAD_FIELD_VALUE.search(text):
+            text = _BAD_FIELD_VALUE.sub(" ", text)
+        if text[:1] in (" ", "\t"):  # obsolete line folding
+            if fields:
+                name, value = fields[-1]
+                fields[-1] = (name, (value + " " + text.strip()).strip())
             continue
-        name, _, value = text.partition(":")
-        fields.append((name.strip(), value.strip()))
+        name, colon, value = text.partition(":")
+        name = name.rstrip()  # a proxy removes space before the colon
+        if colon and _TOKEN.match(name):
+            fields.append((name, value.strip()))
     raise http.client.HTTPException("more than %d header fields"
                                     % MAX_HEADER_COUNT)
 
@@ -2152,7 +2162,7 @@ class UpstreamConnection:
     def connect(self, read_timeout: float) -> None:
         sock = socket.create_connection((self.host, self.port), self.timeout)
         try:
-            # the head and small bodies go in one write: never wait for ACKs
+            # no Nagle delay: a write leaves at once, not after an ACK
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.context is not None:
                 sock = self.context.wrap_socket(sock,
@@ -2191,8 +2201,10 @@ class UpstreamConnection:
         """Read the status line and header fields of the next answer,
         skipping interim (1xx) answers."""
         fp = self.fp
-        for _ in range(MAX_HEADER_COUNT):
+        for interim in range(MAX_HEADER_COUNT):
             line = fp.readline(MAX_STATUS_LINE + 1)
+            if not line and interim:  # it has the request: not stale
+                raise http.client.IncompleteRead(b"")
             if not line:
                 raise http.client.RemoteDisconnected(
                     "the provider closed the connection without an answer")
@@ -2202,15 +2214,16 @@ class UpstreamConnection:
             version = parts[0] if parts else ""
             code = parts[1] if len(parts) > 1 else ""
             if not version.startswith("HTTP/") or len(code) != 3 or \
-                    not code.isdigit():
+                    not _DIGITS.match(code):
                 raise http.client.BadStatusLine(repr(line[:100]))
             if version not in ("HTTP/1.1", "HTTP/1.0"):
                 raise http.client.UnknownProtocol(version)
             status = int(code)
+            if status < 100 or status > 599:  # RFC 9110, section 15
+                raise http.client.BadStatusLine(repr(line[:100]))
             fields = read_fields(fp)
-            if status >= 200:
-                reason = parts[2].strip() if len(parts) > 2 else ""
-                return UpstreamResponse(status, reason, version,
+            if status >= 200:  # (the gateway sends its own reason phrase)
+                return UpstreamResponse(status, version,
                                         ResponseHeaders(fields), fp, method)
         raise http.client.HTTPException("too many interim answers")
 
@@ -2303,7 +2316,6 @@ class UpstreamPool:
 # so requests are parsed here: RFC 9112 framing, and the wall-clock
 # deadlines that keep slow clients from holding threads.
 
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
 REASONS = {code: msg for code, (msg, _) in
            BaseHTTPRequestHandler.responses.items()}
