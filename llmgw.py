@@ -2048,15 +2048,25 @@ class AuthThrottle:
 # makes a new buffered file for every response. Its exception classes are
 # kept, so callers tell the same failures apart.
 
-# Errors that mean a pooled connection had been closed by the provider
-# while idle: the request never reached it and is safe to send again.
+# Errors that mean the connection ended before any byte of an answer: a
+# pooled connection the provider closed while idle, or a provider that
+# dropped the request.
 STALE_CONNECTION_ERRORS = (http.client.RemoteDisconnected,
                            ConnectionResetError, BrokenPipeError,
                            ConnectionAbortedError)
+# requests that may be repeated (RFC 9110, section 9.2.2)
+IDEMPOTENT_METHODS = frozenset(("GET", "HEAD", "OPTIONS", "PUT", "DELETE"))
 # what may not appear in a request target on the wire (space, controls,
 # anything outside ASCII)
 _BAD_TARGET = re.compile(r"[^\x21-\x7e]")
 MAX_STATUS_LINE = 64 * 1024
+MAX_ANSWER_HEAD = 256 * 1024  # all header fields of one answer
+_HTTP_1 = re.compile(r"HTTP/1\.[0-9]\Z")
+
+
+class BadAnswer(http.client.HTTPException):
+    """An answer that breaks HTTP/1.1; the message says how, in words
+    that follow the provider's name."""
 
 
 class ResponseHeaders:
@@ -2074,6 +2084,26 @@ class ResponseHeaders:
         values = self.by_name.get(name)
         return values[0] if values else default
 
+    def tokens(self, name: str) -> list:
+        """The comma-separated items of every field of that name, in
+        lower case (Connection, Transfer-Encoding)."""
+        values = self.by_name.get(name)
+        if not values:
+            return []
+        return [item.strip().lower() for value in values
+                for item in value.split(",") if item.strip()]
+
+
+def content_length(values: list) -> int:
+    """The body length that every Content-Length value agrees on."""
+    found = {item.strip() for value in values for item in value.split(",")}
+    if len(found) != 1:
+        raise BadAnswer("sent Content-Length fields that disagree")
+    length = found.pop()
+    if not _DIGITS.match(length) or len(length) > 18:
+        raise BadAnswer("sent a Content-Length that is not a length")
+    return int(length)
+
 
 class UpstreamResponse:
     """A provider's status and header fields, and how its body is framed
@@ -2087,21 +2117,28 @@ class UpstreamResponse:
         self.status = status
         self.headers = headers
         self.fp = fp
-        connection = (headers.get("connection") or "").lower()
+        options = headers.tokens("connection")
         if version == "HTTP/1.0":
-            self.will_close = "keep-alive" not in connection and \
+            self.will_close = "keep-alive" not in options and \
                 headers.get("keep-alive") is None
         else:
-            self.will_close = "close" in connection
-        encoding = headers.get("transfer-encoding")
-        self.chunked = bool(encoding) and encoding.lower() == "chunked"
+            self.will_close = "close" in options
+        self.chunked = False
         self.length = None  # unknown: the body ends with the connection
-        length = headers.get("content-length")
-        if length and not self.chunked:
-            length = length.strip()
-            self.length = int(length) if _DIGITS.match(length) else None
+        codings = headers.tokens("transfer-encoding")
         if status in (204, 304) or method == "HEAD":
-            self.chunked, self.length = False, 0  # no body, whatever it says
+            self.length = 0  # no body, whatever the fields say
+        elif codings:
+            # Transfer-Encoding overrides Content-Length; a body in any
+            # other last coding runs to the close (RFC 9112, section 6.3).
+            # Such an answer in HTTP/1.0 or with both fields can be an
+            # attempt to smuggle a second answer: its connection is
+            # closed after it.
+            self.chunked = codings[-1] == "chunked"
+            if version == "HTTP/1.0" or "content-length" in headers.by_name:
+                self.will_close = True
+        elif "content-length" in headers.by_name:
+            self.length = content_length(headers.by_name["content-length"])
         if not self.will_close and not self.chunked and self.length is None:
             self.will_close = True
 
@@ -2121,12 +2158,21 @@ def read_fields(fp) -> list:
     section 2.2; RFC 9110, section 5.5).
     """
     fields = []
+    size = 0
     for _ in range(MAX_HEADER_COUNT + 1):
         line = fp.readline(MAX_HEADER_BYTES + 1)
         if len(line) > MAX_HEADER_BYTES:
-            raise http.client.LineTooLong("header line")
-        if line in (b"\r\n", b"\n", b""):
+            raise BadAnswer("sent a header line over %d KiB"
+                            % (MAX_HEADER_BYTES // 1024))
+        if line in (b"\r\n", b"\n"):
             return fields
+        if not line.endswith(b"\n"):
+            raise BadAnswer("closed the connection in the middle of its "
+                            "header fields")
+        size += len(line)
+        if size > MAX_ANSWER_HEAD:
+            raise BadAnswer("sent over %d KiB of header fields"
+                            % (MAX_ANSWER_HEAD // 1024))
         text = line.decode("iso-8859-1").rstrip("\r\n")
         if _BAD_FIELD_VALUE.search(text):
             text = _BAD_FIELD_VALUE.sub(" ", text)
@@ -2139,8 +2185,7 @@ def read_fields(fp) -> list:
         name = name.rstrip()  # a proxy removes space before the colon
         if colon and _TOKEN.match(name):
             fields.append((name, value.strip()))
-    raise http.client.HTTPException("more than %d header fields"
-                                    % MAX_HEADER_COUNT)
+    raise BadAnswer("sent more than %d header fields" % MAX_HEADER_COUNT)
 
 
 class UpstreamConnection:
@@ -2199,33 +2244,56 @@ class UpstreamConnection:
 
     def getresponse(self, method: str) -> UpstreamResponse:
         """Read the status line and header fields of the next answer,
-        skipping interim (1xx) answers."""
+        skipping interim (1xx) answers.
+
+        Only a connection that ends before any byte of an answer raises
+        one of STALE_CONNECTION_ERRORS; once something came, the provider
+        has the request and the failure is a BadAnswer.
+        """
         fp = self.fp
-        for interim in range(MAX_HEADER_COUNT):
-            line = fp.readline(MAX_STATUS_LINE + 1)
-            if not line and interim:  # it has the request: not stale
-                raise http.client.IncompleteRead(b"")
-            if not line:
-                raise http.client.RemoteDisconnected(
-                    "the provider closed the connection without an answer")
-            if len(line) > MAX_STATUS_LINE:
-                raise http.client.LineTooLong("status line")
-            parts = line.decode("iso-8859-1").split(None, 2)
-            version = parts[0] if parts else ""
-            code = parts[1] if len(parts) > 1 else ""
-            if not version.startswith("HTTP/") or len(code) != 3 or \
-                    not _DIGITS.match(code):
-                raise http.client.BadStatusLine(repr(line[:100]))
-            if version not in ("HTTP/1.1", "HTTP/1.0"):
-                raise http.client.UnknownProtocol(version)
-            status = int(code)
-            if status < 100 or status > 599:  # RFC 9110, section 15
-                raise http.client.BadStatusLine(repr(line[:100]))
-            fields = read_fields(fp)
-            if status >= 200:  # (the gateway sends its own reason phrase)
-                return UpstreamResponse(status, version,
-                                        ResponseHeaders(fields), fp, method)
-        raise http.client.HTTPException("too many interim answers")
+        if not fp.peek(1):  # (fills the buffer that readline goes on with)
+            raise http.client.RemoteDisconnected(
+                "the provider closed the connection without an answer")
+        try:
+            for _ in range(MAX_HEADER_COUNT):
+                line = fp.readline(MAX_STATUS_LINE + 1)
+                if not line:
+                    raise BadAnswer("closed the connection in the middle "
+                                    "of its answer")
+                if len(line) > MAX_STATUS_LINE:
+                    raise BadAnswer("sent a status line over %d KiB"
+                                    % (MAX_STATUS_LINE // 1024))
+                text = line.decode("iso-8859-1").rstrip("\r\n")
+                version, _, rest = text.partition(" ")
+                code = rest[:3]
+                if not _HTTP_1.match(version) or not _DIGITS.match(code) \
+                        or rest[3:4] not in ("", " "):
+                    raise BadAnswer("did not answer in HTTP/1.1")
+                status = int(code)
+                if status < 100 or status > 599:  # RFC 9110, section 15
+                    raise BadAnswer("answered with status %d, which HTTP "
+                                    "does not have" % status)
+                if status == 101:
+                    raise BadAnswer("switched protocols unasked")
+                fields = read_fields(fp)
+                if status >= 200:  # (the gateway sends its own reason)
+                    return UpstreamResponse(
+                        status, version, ResponseHeaders(fields), fp, method)
+        except STALE_CONNECTION_ERRORS:  # it has the request: not stale
+            raise BadAnswer("closed the connection in the middle of its "
+                            "answer") from None
+        raise BadAnswer("sent more than %d interim answers"
+                        % MAX_HEADER_COUNT)
+
+    def early_answer(self, method: str) -> UpstreamResponse | None:
+        """The answer a provider sent before it stopped reading a request
+        that could not be sent whole, if there is one."""
+        try:
+            resp = self.getresponse(method)
+        except (OSError, http.client.HTTPException):
+            return None
+        resp.will_close = True  # the request was cut short
+        return resp
 
     def close(self) -> None:
         fp, sock = self.fp, self.sock
@@ -2237,19 +2305,29 @@ class UpstreamConnection:
 
 
 def alive(conn: UpstreamConnection) -> bool:
-    """False when an idle connection was closed by the provider.
+    """False when an idle connection cannot carry another request.
 
-    An idle keep-alive connection has nothing to read; if it is readable,
-    the provider has closed it (or sent something unasked) and a request
-    sent on it would fail or, worse, be half-processed.
+    An idle keep-alive connection has nothing to read. If the socket is
+    readable, the provider has closed it or sent something unasked; if
+    the reader holds bytes past the end of the last answer, they would be
+    taken for the next request's answer (RFC 9112, section 6.3).
     """
-    sock = conn.sock
+    sock, fp = conn.sock, conn.fp
     if sock is None:
         return False
     try:
         poller = select.poll()  # select() refuses descriptors above 1023
         poller.register(sock, select.POLLIN)
-        return not poller.poll(0)
+        if poller.poll(0):
+            return False
+        timeout = sock.gettimeout()
+        sock.settimeout(0)  # peek() reads the socket when nothing is held
+        try:
+            return not fp.peek(1)
+        except ssl.SSLWantReadError:  # TLS, with nothing held or to read
+            return True
+        finally:
+            sock.settimeout(timeout)
     except (OSError, ValueError):
         return False
 
@@ -2671,7 +2749,8 @@ class ConnectionHandler(BaseHTTPRequestHandler):
             lines.append("x-llmgw-request-id: %s\r\n" % req.id)
         if chunked:
             lines.append("Transfer-Encoding: chunked\r\n")
-        elif length is not None:
+        elif length is not None and status not in (204, 304):
+            # (RFC 9110, sections 8.6 and 15.4.5)
             lines.append("Content-Length: %d\r\n" % length)
         if self.close_connection if close is None else close:
             lines.append("Connection: close\r\n")
@@ -3073,6 +3152,7 @@ class ProxyMixin:
                 except OSError as e:  # refused, unreachable, TLS, timeout
                     conn.close()
                     raise CannotConnect(e) from None
+            sent = None
             try:
                 try:
                     conn.send_request(method, target, headers, body)
@@ -3081,11 +3161,26 @@ class ProxyMixin:
                     raise GatewayError(400, "invalid_request",
                                        "the request cannot be forwarded "
                                        "as it is") from None
+                except STALE_CONNECTION_ERRORS:
+                    # it may have answered (a 413, say) and closed before
+                    # reading the whole body: that answer is the one to give
+                    resp = conn.early_answer(method)
+                    if resp is None:
+                        raise
+                    return conn, resp
+                sent = True
                 return conn, conn.getresponse(method)
             except STALE_CONNECTION_ERRORS as e:
                 conn.close()
-                if reused:
-                    continue  # the provider had closed it while idle
+                # Sent again on a new connection only if the provider
+                # cannot have started on it twice: the request did not go
+                # out whole, or it may be repeated (its method, or an
+                # Idempotency-Key the provider dedupes on). A POST that goes
+                # out as the provider closes the idle connection it went on
+                # therefore gets a 502, which the SDKs retry themselves.
+                if reused and (sent is None or method in IDEMPOTENT_METHODS
+                               or "idempotency-key" in headers):
+                    continue
                 raise GatewayError(
                     502, "upstream_error",
                     "provider %r closed the connection without an answer"
@@ -3096,6 +3191,12 @@ class ProxyMixin:
                     504, "upstream_timeout",
                     "provider %r did not answer in time" % provider.name) \
                     from None
+            except BadAnswer as e:
+                conn.close()
+                raise GatewayError(
+                    502, "upstream_error",
+                    "provider %r %s; the gateway cannot relay it"
+                    % (provider.name, e)) from None
             except (OSError, http.client.HTTPException, ValueError) as e:
                 conn.close()
                 raise GatewayError(
@@ -3120,7 +3221,7 @@ class ProxyMixin:
         ex.status = resp.status
         ex.upstream_request_id = resp.getheader("x-request-id") or \
             resp.getheader("request-id")
-        if 300 <= resp.status < 400:
+        if 300 <= resp.status < 400 and resp.status != 304:
             location = resp.getheader("location", "")
             conn.close()
             raise GatewayError(502, "upstream_error",
@@ -3173,6 +3274,8 @@ class ProxyMixin:
         ctype = (resp.getheader("content-type") or "").lower()
         if resp.status >= 400:
             ex.error = "provider_error"
+        elif resp.status in (204, 304) or ex.req.method == "HEAD":
+            pass  # no body, no usage
         elif "json" in ctype or ex.route.kind in MODEL_PATHS:
             try:
                 obj = json.loads(body)
@@ -3200,15 +3303,13 @@ class ProxyMixin:
         if not ex.req.keep_alive:
             self.close_connection = True
         ex.first_byte()
-        length = resp.getheader("content-length")
+        length = resp.length  # None when chunked or ending with the close
         chunked = length is None
         if chunked and ex.req.version == "HTTP/1.0":
             self.close_connection = True
             chunked = False
-        head = self.head_bytes(
-            resp.status, self.response_headers(resp),
-            int(length) if length and _DIGITS.match(length) else None,
-            chunked, ex.req)
+        head = self.head_bytes(resp.status, self.response_headers(resp),
+                               length, chunked, ex.req)
         tail = first[-65536:]
         try:
             self.write_client(head)

@@ -16,6 +16,7 @@ and tells its usage rows apart by key id.
 import json
 import re
 import socket
+import struct
 import threading
 import time
 
@@ -41,11 +42,16 @@ class Script(object):
 
     close: the provider closes the connection after the last piece;
     otherwise it waits on the same connection for the next request.
+    reset: it closes with a TCP reset instead.  early: it answers as soon
+    as it has the head, reads none of the body, and closes.
     """
 
-    def __init__(self, pieces, close=False, gap=0.03):
+    def __init__(self, pieces, close=False, gap=0.03, reset=False,
+                 early=False):
         self.pieces = [pieces] if isinstance(pieces, bytes) else list(pieces)
-        self.close = close
+        self.close = close or reset or early
+        self.reset = reset
+        self.early = early
         self.gap = gap
 
 
@@ -180,21 +186,25 @@ class RawProvider(object):
                 rec = RawRequest(number, head, b"")
                 lengths = rec.values("content-length")
                 length = int(lengths[0]) if lengths else 0
-                while len(buf) < length:
+                with self.cond:
+                    script = self.scripts.pop(0) if self.scripts else \
+                        UNSCRIPTED
+                while len(buf) < length and not script.early:
                     data = self._recv(sock)
                     if not data:
                         return
                     buf += data
                 rec.body, buf = buf[:length], buf[length:]
                 with self.cond:
-                    script = self.scripts.pop(0) if self.scripts else \
-                        UNSCRIPTED
                     self.requests.append(rec)
                     self.cond.notify_all()
                 for i, piece in enumerate(script.pieces):
                     if i:
                         time.sleep(script.gap)
                     sock.sendall(piece)
+                if script.reset:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                    struct.pack("ii", 1, 0))
                 if script.close:
                     return
         except OSError:
@@ -503,8 +513,11 @@ def test_sequential_requests_share_one_provider_connection(
 @pytest.mark.parametrize("version, fields", [
     ("HTTP/1.1", (("Connection", "close"),)),
     ("HTTP/1.1", (("Connection", "Close"),)),
+    ("HTTP/1.1", (("Connection", "keep-alive, close"),)),
+    ("HTTP/1.1", (("Connection", "keep-alive"), ("Connection", "close"))),
     ("HTTP/1.0", ()),
-], ids=["connection-close", "connection-Close", "http10"])
+], ids=["connection-close", "connection-Close", "close-in-a-list",
+        "close-in-a-second-field", "http10"])
 def test_an_answer_that_forbids_reuse_makes_the_next_request_connect_anew(
         gw, provider, key, version, fields):
     # the provider keeps the socket open all the same: only the answer's
@@ -540,10 +553,12 @@ BAD_STATUS_LINES = [
     b"HTTP/1.1 000 OK\r\n\r\n",      # status codes run from 100 to 599
     b"HTTP/1.1 099 Odd\r\n\r\n",
     b"SSH-2.0-OpenSSH_9.6\r\n",
+    b" HTTP/1.1 200 OK\r\n\r\n",
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n",
 ]
 BAD_STATUS_IDS = ["http2", "garbage", "two-digits", "four-digits",
                   "not-a-number", "superscript-digit", "zero", "below-100",
-                  "not-http"]
+                  "not-http", "leading-space", "unasked-upgrade"]
 
 
 def prime_connection(gw, provider, key):
@@ -837,3 +852,307 @@ def test_a_bare_cr_in_a_provider_header_never_reaches_the_client(
     assert not any(line.lower().startswith(b"set-cookie")
                    for line in lines), answer_head
     assert b"x-note: a" in answer_head.lower()  # the field itself is kept
+
+
+# ---------------------------------------------------------------------------
+# 10. framing a second answer could hide in
+# ---------------------------------------------------------------------------
+
+STRAY = completion("chatcmpl-STRAY", 999, 999)
+
+
+@pytest.mark.parametrize("extra", [
+    b"\r\n",
+    json_answer(STRAY) + STRAY,
+], ids=["stray-crlf", "stray-answer"])
+def test_bytes_past_the_end_of_an_answer_are_never_taken_for_the_next(
+        gw, provider, key, extra):
+    # RFC 9112, 6.3: such bytes are not a response; an answer of one key
+    # must never be handed to the next request, of another key
+    other = new_key(gw, "wire-tests-other")
+    first = completion("chatcmpl-first", 10, 1)
+    second = completion("chatcmpl-second", 20, 2)
+    provider.queue(Script(json_answer(first) + first + extra),
+                   Script(json_answer(second) + second))
+
+    answers = [gw.request("POST", CHAT, chat_body(), key=k)
+               for k in (key, other)]
+
+    assert answers[0][:1] + answers[0][2:] == (200, first), answers[0]
+    assert answers[1][:1] + answers[1][2:] == (200, second), answers[1]
+    one, two = provider.received()
+    assert two.conn != one.conn
+    assert provider.wait_peer_closed(one.conn)
+    assert_ok_row(gw, key, 10, 1)
+    assert_ok_row(gw, other, 20, 2)
+
+
+@pytest.mark.parametrize("fields", [
+    (("Content-Length", "abc"),),
+    (("Content-Length", "-1"),),
+    (("Content-Length", "+60"),),
+    (("Content-Length", "60, 61"),),
+    (("Content-Length", "60"), ("Content-Length", "61")),
+    (("Content-Length", "1" * 40),),
+], ids=["letters", "negative", "plus-sign", "list-disagrees",
+        "fields-disagree", "40-digits"])
+def test_a_content_length_that_is_not_one_length_gives_502_at_once(
+        gw, provider, key, fields):
+    # RFC 9112, 6.3: the framing is unknowable, so the answer cannot be
+    # relayed; the provider keeps the connection open, so a gateway that
+    # guessed would wait for its read timeout and answer 504
+    body = completion("chatcmpl-cl", 3, 3)
+    provider.queue(Script(head(fields=(("Content-Type", "application/json"),)
+                               + fields) + body))
+
+    status, _, content = gw.request("POST", CHAT, chat_body(), key=key)
+
+    assert status == 502, (status, content)
+    assert "Content-Length" in openai_upstream_error(content)["message"]
+    assert_upstream_error_row(gw, key)
+    assert len(provider.received()) == 1
+
+
+def test_a_content_length_list_of_one_value_is_that_length(
+        gw, provider, key):
+    body = completion("chatcmpl-cl-list", 3, 4)
+    n = str(len(body))
+    provider.queue(Script(head(fields=(
+        ("Content-Type", "application/json"),
+        ("Content-Length", "%s, %s" % (n, n)),
+        ("Content-Length", n))) + body))
+
+    status, _, content = gw.request("POST", CHAT, chat_body(), key=key)
+
+    assert (status, content) == (200, body)
+    assert_ok_row(gw, key, 3, 4)
+
+
+@pytest.mark.parametrize("fields", [
+    (("Transfer-Encoding", "identity, chunked"),),
+    (("Transfer-Encoding", "identity"), ("Transfer-Encoding", "chunked")),
+    (("Transfer-Encoding", "chunked"), ("Content-Length", "7")),
+], ids=["list", "two-fields", "with-content-length"])
+def test_chunked_as_the_last_coding_frames_the_body(
+        gw, provider, key, fields):
+    body = completion("chatcmpl-te", 6, 5)
+    provider.queue(Script([head(fields=(("Content-Type", "application/json"),)
+                                + fields),
+                           chunk(body[:50]) + chunk(body[50:]) + b"0\r\n\r\n"]))
+
+    status, headers, content = gw.request("POST", CHAT, chat_body(), key=key)
+
+    assert (status, content) == (200, body)
+    assert headers["content-length"] == str(len(body))
+    assert_ok_row(gw, key, 6, 5)
+
+
+def test_a_stream_in_a_coding_list_reaches_the_client_without_chunk_sizes(
+        gw, provider, key):
+    payloads, usage = stream_chunks()
+    pieces, _ = sse_wire(payloads, usage)
+    pieces[0] = pieces[0].replace(b"Transfer-Encoding: chunked",
+                                  b"Transfer-Encoding: identity\r\n"
+                                  b"Transfer-Encoding: chunked")
+    provider.queue(Script(pieces))
+
+    events = gw.stream(CHAT, chat_body(stream=True), key=key, timeout=15)
+
+    assert events.status == 200 and events.error is None, events.body
+    assert events.data() == payloads + ["[DONE]"]
+    assert_ok_row(gw, key, 27, 6, streamed=1, request_id="req-sse")
+
+
+def test_a_large_answer_with_both_framings_reaches_the_client_whole(
+        gw, provider, key):
+    # over the size the gateway buffers, the answer is relayed as it is
+    # read; the client must get the framing that was read, not the
+    # provider's Content-Length of 100
+    filler = "x" * (9 * 1024 * 1024)
+    body = json.dumps({"id": "chatcmpl-big", "object": "chat.completion",
+                       "choices": [{"index": 0, "message": {
+                           "role": "assistant", "content": filler}}],
+                       "usage": {"prompt_tokens": 7, "completion_tokens": 8,
+                                 "total_tokens": 15}}).encode()
+    pieces = [head(fields=(("Content-Type", "application/json"),
+                           ("Transfer-Encoding", "chunked"),
+                           ("Content-Length", "100")))]
+    pieces += [chunk(body[i:i + 1048576])
+               for i in range(0, len(body), 1048576)]
+    pieces.append(b"0\r\n\r\n")
+    provider.queue(Script(pieces, gap=0))
+
+    status, headers, content = gw.request("POST", CHAT, chat_body(), key=key)
+
+    assert status == 200
+    assert headers.get("content-length") != "100", headers
+    assert content == body
+    assert_ok_row(gw, key, 7, 8)
+
+
+def test_a_head_cut_by_the_close_gives_502_not_an_empty_answer(
+        gw, provider, key):
+    # on a route whose answer is not JSON, nothing else would notice
+    provider.queue(Script(b"HTTP/1.1 200 OK\r\nContent-Type: audio/mpeg\r\n"
+                          b"Content-Len", close=True))
+
+    status, _, content = gw.request(
+        "POST", "/v1/audio/speech",
+        {"model": "tts-1", "input": "hi", "voice": "alloy"}, key=key)
+
+    assert status == 502, (status, content)
+    openai_upstream_error(content)
+    assert_upstream_error_row(gw, key)
+
+
+def test_a_head_over_256_kib_gives_502(gw, provider, key):
+    # every line and the number of fields are within their own limits
+    fields = tuple(("x-pad-%d" % i, "p" * 3000) for i in range(90))
+    body = completion("chatcmpl-pad", 1, 1)
+    provider.queue(Script(json_answer(body, fields) + body))
+
+    status, headers, content = gw.request("POST", CHAT, chat_body(), key=key)
+
+    assert status == 502, (status, len(content))
+    assert not any(name.startswith("x-pad") for name in headers)
+    assert_upstream_error_row(gw, key)
+
+
+def test_a_minor_version_above_1_1_is_read_as_1_1(gw, provider, key):
+    # RFC 9110, 2.5: a recipient treats HTTP/1.x as the highest 1.x it knows
+    body = completion("chatcmpl-12", 2, 3)
+    provider.queue(Script(json_answer(body, version="HTTP/1.2") + body))
+
+    status, _, content = gw.request("POST", CHAT, chat_body(), key=key)
+
+    assert (status, content) == (200, body)
+    assert_ok_row(gw, key, 2, 3)
+
+
+# ---------------------------------------------------------------------------
+# 11. when a request is sent again
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sent", [
+    b"HTTP/1.1 100 Continue\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n",
+    b"HTTP/1.1 2",
+], ids=["interim", "status-line", "half-the-fields", "half-a-status-line"])
+def test_a_reset_after_part_of_an_answer_is_not_sent_again(
+        gw, provider, key, sent):
+    primed = prime_connection(gw, provider, key)
+    provider.queue(Script([sent, b""], gap=0.2, reset=True))
+
+    status, _, content = gw.request("POST", CHAT, chat_body(), key=key)
+
+    received = provider.received()
+    assert len(received) == 2, "sent again: %r" % [r.conn for r in received]
+    assert received[1].conn == primed.conn
+    assert status == 502, (status, content)
+    openai_upstream_error(content)
+    rows = key_rows(gw, key, count=2)
+    assert len(rows) == 2 and rows[1]["status"] == 502, rows
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["close", "reset"])
+def test_a_post_read_and_dropped_without_an_answer_is_not_sent_again(
+        gw, provider, key, reset):
+    # from the gateway's side this looks like a pooled connection the
+    # provider closed while idle, but the provider may have started the
+    # work: the client gets a 502 and decides itself
+    primed = prime_connection(gw, provider, key)
+    provider.queue(Script(b"", close=True, reset=reset))
+
+    status, _, content = gw.request("POST", CHAT, chat_body(), key=key)
+
+    received = provider.received()
+    assert len(received) == 2, "sent again: %r" % [r.conn for r in received]
+    assert received[1].conn == primed.conn
+    assert status == 502, (status, content)
+    openai_upstream_error(content)
+    rows = key_rows(gw, key, count=2)
+    assert len(rows) == 2 and rows[1]["status"] == 502, rows
+
+
+def test_a_post_with_an_idempotency_key_is_sent_again_on_a_new_connection(
+        gw, provider, key):
+    # the provider dedupes on the key, so repeating it is safe
+    primed = prime_connection(gw, provider, key)
+    good = completion("chatcmpl-again", 4, 2)
+    provider.queue(Script(b"", close=True), Script(json_answer(good) + good))
+
+    status, _, content = gw.request("POST", CHAT, chat_body(), key=key,
+                                    headers={"Idempotency-Key": "op-1"})
+
+    assert (status, content) == (200, good)
+    received = provider.received()
+    assert len(received) == 3
+    assert received[1].conn == primed.conn != received[2].conn
+    assert received[2].values("idempotency-key") == ["op-1"]
+    rows = key_rows(gw, key, count=2)
+    assert [r["status"] for r in rows] == [200, 200], rows
+    assert rows[1]["output_tokens"] == 2
+
+
+def test_an_idle_connection_closed_by_the_provider_is_not_used(
+        gw, provider, key):
+    primed = prime_connection(gw, provider, key)
+    good = completion("chatcmpl-after", 3, 3)
+    provider.queue(Script(json_answer(good) + good))
+    # the provider drops the pooled connection while it is idle
+    with provider.cond:
+        socks = list(provider.socks)
+    for sock in socks:
+        sock.shutdown(socket.SHUT_RDWR)
+    time.sleep(0.1)
+
+    status, _, content = gw.request("POST", CHAT, chat_body(), key=key)
+
+    assert (status, content) == (200, good)
+    received = provider.received()
+    assert len(received) == 2 and received[1].conn != primed.conn
+
+
+def test_an_answer_before_a_large_body_was_read_is_relayed(
+        gw, provider, key):
+    # a provider (or its front proxy) refuses a body it will not read and
+    # closes; the client gets that answer, not a connection error
+    refusal = (b'{"error":{"message":"request too large","type":'
+               b'"invalid_request_error","param":null,"code":null}}')
+    provider.queue(Script(json_answer(refusal, status="413 Payload Too Large",
+                                      fields=(("Connection", "close"),))
+                          + refusal, early=True))
+    body = chat_body(messages=[{"role": "user", "content": "x" * (8 << 20)}])
+
+    status, _, content = gw.request("POST", CHAT, body, key=key)
+
+    assert (status, content) == (413, refusal)
+    rows = key_rows(gw, key)
+    assert len(rows) == 1 and rows[0]["status"] == 413, rows
+    assert rows[0]["error"] == "provider_error", rows
+    assert len(provider.received()) == 1
+
+
+# ---------------------------------------------------------------------------
+# 12. answers without a body
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("status_text", ["204 No Content",
+                                         "304 Not Modified"])
+def test_an_answer_without_a_body_is_relayed_without_a_length(
+        gw, provider, key, status_text):
+    # RFC 9110, 8.6 and 15.4.5: neither carries a body; a 304 is not a
+    # redirect to refuse
+    provider.queue(Script(head(status_text, fields=(
+        ("x-request-id", "req-nobody"), ("Content-Length", "10")))))
+
+    status, headers, content = gw.request("GET", "/openai/v1/files/f-1",
+                                          key=key)
+
+    assert status == int(status_text[:3]), (status, content)
+    assert content == b""
+    assert "content-length" not in headers, headers
+    rows = key_rows(gw, key)
+    assert len(rows) == 1 and rows[0]["status"] == status, rows
+    assert rows[0]["upstream_request_id"] == "req-nobody"
