@@ -2395,6 +2395,9 @@ class UpstreamPool:
 # deadlines that keep slow clients from holding threads.
 
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
+# the client has closed its side, or reset the connection (Linux)
+_CLIENT_CLOSED = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | \
+    select.POLLERR
 REASONS = {code: msg for code, (msg, _) in
            BaseHTTPRequestHandler.responses.items()}
 
@@ -3285,6 +3288,8 @@ class ProxyMixin:
                                    "is not JSON" % provider.name) from None
             ex.usage = usage_from_body(obj, ex.route.kind,
                                        ex.route.anthropic_format)
+        if self.client_left():  # (a client that timed out, say)
+            raise ClientGone()
         ex.first_byte()
         if not self.finish_exchange(ex):
             raise storage_error()
@@ -3410,6 +3415,20 @@ class ProxyMixin:
             self.connection.sendall(data)
         except OSError:
             raise ClientGone() from None
+
+    def client_left(self) -> bool:
+        """Has the client closed the connection while waiting?
+
+        A write to such a connection still succeeds, so the answer would
+        count as delivered. Where the system cannot tell (no POLLRDHUP,
+        outside Linux), the answer counts as delivered.
+        """
+        try:
+            poller = select.poll()
+            poller.register(self.connection, _CLIENT_CLOSED)
+            return bool(poller.poll(0))
+        except (OSError, ValueError):
+            return False
 
     def finish_exchange(self, ex: Exchange) -> bool:
         return record_exchange(self.gw, ex)

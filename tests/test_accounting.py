@@ -10,9 +10,12 @@ Prices are read from llmgw.BUILTIN_PRICES, so a change of price does not
 break these tests but a change of arithmetic does.
 """
 
+import json
 import os
 import re
+import socket
 import sys
+import time
 
 import pytest
 
@@ -346,6 +349,32 @@ def test_a_client_leaving_mid_stream_leaves_one_estimated_row(gw, upstream,
     # the provider was still sending: the full answer never arrived
     assert upstream.last.wait_done(10)
     assert upstream.last.outcome != "ok"
+
+
+def test_a_client_that_gave_up_before_the_answer_is_recorded_as_gone(
+        gw, upstream, key):
+    # a client's own timeout: it closes while the provider still works.
+    # The provider did the work, so its tokens count; but the answer was
+    # never delivered, and the row must not say it was.
+    upstream.queue(Reply(stall=0.8))
+    data = json.dumps(body_for(CHAT, "gpt-4o-mini")).encode()
+    sock = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+    try:
+        sock.sendall(("POST %s HTTP/1.1\r\nHost: gw\r\n"
+                      "Authorization: Bearer %s\r\n"
+                      "Content-Type: application/json\r\n"
+                      "Content-Length: %d\r\n\r\n"
+                      % (CHAT, key["secret"], len(data))).encode() + data)
+        time.sleep(0.2)
+    finally:
+        sock.close()
+
+    row = one_row(gw, key)
+    assert row["error"] == "client_disconnected", row
+    assert row["status"] == 200, row
+    assert (row["input_tokens"], row["output_tokens"]) == (21, 9), row
+    assert row["cost_usd"] > 0
+    assert row["estimated"] == 0
 
 
 def test_a_client_leaving_an_anthropic_stream_keeps_the_reported_input(
