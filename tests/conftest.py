@@ -24,6 +24,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -579,3 +580,20 @@ def gateway(tmp_path, upstream):
     yield start
     for gw in started:
         gw.stop()
+
+
+@pytest.fixture
+def certificate(tmp_path):
+    """A self-signed certificate for 127.0.0.1: (cert path, key path)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is not installed: cannot make a "
+                    "test certificate")
+    cert = str(tmp_path / "cert.pem")
+    key = str(tmp_path / "key.pem")
+    proc = subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+         "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=llmgw",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    assert proc.returncode == 0, proc.stderr.decode("utf-8", "replace")
+    return cert, key

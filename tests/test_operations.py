@@ -311,22 +311,6 @@ def test_systemd_unit_prints_a_hardened_notify_service_running_serve(
 # 5. TLS
 # ---------------------------------------------------------------------------
 
-@pytest.fixture
-def certificate(tmp_path):
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is not installed: cannot make a "
-                    "test certificate")
-    cert = str(tmp_path / "cert.pem")
-    key = str(tmp_path / "key.pem")
-    proc = subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
-         "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=llmgw",
-         "-addext", "subjectAltName=IP:127.0.0.1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
-    assert proc.returncode == 0, proc.stderr.decode("utf-8", "replace")
-    return cert, key
-
-
 def test_serve_with_tls_cert_and_key_speaks_https(gateway, upstream,
                                                   certificate):
     cert, keyfile = certificate

@@ -1,6 +1,20 @@
 """Upstream connections are reused only when their last answer is done."""
 
+import os
+import socket
+import ssl
+import sys
+import threading
+import time
+import types
+
+import pytest
+
 from fakes import Reply
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))))
+import llmgw  # noqa: E402
 
 CHAT = "/v1/chat/completions"
 SSE = (b'data: {"id":"c1","object":"chat.completion.chunk","choices":'
@@ -30,3 +44,66 @@ def test_a_stream_framed_by_content_length_leaves_a_reusable_connection(
     rows = gw.wait_rows(3)
     assert [r["status"] for r in rows] == [200, 200, 200]
     assert [r["output_tokens"] for r in rows] == [1, 1, 1]
+
+
+# ---------------------------------------------------------------------------
+# the same check on a TLS connection, where bytes can wait inside the TLS
+# layer as well as in the socket
+# ---------------------------------------------------------------------------
+
+ANSWER = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+          b"Content-Length: 2\r\n\r\n{}")
+
+
+@pytest.mark.parametrize("after, reusable", [
+    (b"", True),
+    (b"\r\n", False),
+    (ANSWER, False),
+    (None, False),
+], ids=["nothing", "stray-crlf", "stray-answer", "closed"])
+def test_a_tls_connection_is_reused_only_when_nothing_follows_its_answer(
+        certificate, after, reusable):
+    cert, keyfile = certificate
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, keyfile)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(10)
+    done, release = threading.Event(), threading.Event()
+
+    def provider():
+        raw, _ = listener.accept()
+        with server_ctx.wrap_socket(raw, server_side=True) as tls:
+            tls.settimeout(10)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += tls.recv(65536)
+            tls.sendall(ANSWER + (after or b""))
+            if after is not None:
+                done.set()
+                release.wait(10)  # keep the connection open meanwhile
+        done.set()
+
+    thread = threading.Thread(target=provider, daemon=True)
+    thread.start()
+    client_ctx = ssl.create_default_context(cafile=cert)
+    where = types.SimpleNamespace(host="127.0.0.1",
+                                  port=listener.getsockname()[1])
+    conn = llmgw.UpstreamConnection(where, 10, client_ctx)
+    try:
+        conn.connect(10)
+        conn.send_request("POST", "/v1/chat/completions",
+                          {"content-type": "application/json"}, b"{}")
+        resp = conn.getresponse("POST")
+        assert resp.status == 200
+        assert b"".join(llmgw.body_pieces(resp)) == b"{}"
+        assert done.wait(10)
+        time.sleep(0.1)  # what the provider wrote has arrived
+
+        assert llmgw.alive(conn) is reusable
+    finally:
+        release.set()
+        conn.close()
+        thread.join(10)
+        listener.close()
