@@ -35,6 +35,10 @@ Known limits:
 - Token estimates for streams cut short are rough (about four characters a
   token) and marked as estimated.
 - The gateway asks providers for uncompressed responses, so it can read usage.
+- A POST that goes out just as a provider closes the idle connection it was
+  sent on gets 502 (the SDKs retry it): it is sent again by the gateway only
+  with an Idempotency-Key.
+- Timeouts towards a provider apply to each read, not to a whole answer.
 
 Security: the gateway holds real provider keys. Only SHA-256 hashes of virtual
 keys are stored; secrets never reach the logs. It bounds request size, header
@@ -2041,16 +2045,15 @@ class AuthThrottle:
 # no TCP or TLS handshake when an idle connection exists. TLS is verified
 # against the system's trust store; redirects are never followed.
 #
-# The client is written here: http.client does more than a proxy needs on
-# every request. It checks every header field with regular expressions
-# (the request parser has already done so), sends the head and the body in
-# separate writes, parses response headers with the email package and
-# makes a new buffered file for every response. Its exception classes are
-# kept, so callers tell the same failures apart.
+# The client is written here rather than taken from http.client: a proxy
+# decides the framing of answers and the reuse of connections itself,
+# which http.client keeps in private members, and one buffered reader per
+# connection is cheaper than one per answer. http.client's exception
+# classes are kept, so callers tell the same failures apart.
 
 # Errors that mean the connection ended before any byte of an answer: a
 # pooled connection the provider closed while idle, or a provider that
-# dropped the request.
+# dropped the request (getresponse raises nothing else for that).
 STALE_CONNECTION_ERRORS = (http.client.RemoteDisconnected,
                            ConnectionResetError, BrokenPipeError,
                            ConnectionAbortedError)
@@ -2070,7 +2073,8 @@ class BadAnswer(http.client.HTTPException):
 
 
 class ResponseHeaders:
-    """A response's header fields, in order, and by lower-case name."""
+    """A response's header fields, in order, and by lower-case name
+    (get() and tokens() take the name in lower case)."""
 
     __slots__ = ("fields", "by_name")
 
@@ -2129,12 +2133,17 @@ class UpstreamResponse:
         if status in (204, 304) or method == "HEAD":
             self.length = 0  # no body, whatever the fields say
         elif codings:
-            # Transfer-Encoding overrides Content-Length; a body in any
-            # other last coding runs to the close (RFC 9112, section 6.3).
-            # Such an answer in HTTP/1.0 or with both fields can be an
-            # attempt to smuggle a second answer: its connection is
-            # closed after it.
-            self.chunked = codings[-1] == "chunked"
+            # Transfer-Encoding overrides Content-Length (RFC 9112, section
+            # 6.3). An answer in HTTP/1.0 or with both fields can be an
+            # attempt to smuggle a second answer: its connection is closed
+            # after it.
+            if codings[-1] != "chunked" or \
+                    any(c != "identity" for c in codings[:-1]):
+                # the gateway asks for none (it sends no TE field), and
+                # could pass none on: Transfer-Encoding is hop-by-hop
+                raise BadAnswer("sent a transfer coding the gateway did not "
+                                "ask for")
+            self.chunked = True
             if version == "HTTP/1.0" or "content-length" in headers.by_name:
                 self.will_close = True
         elif "content-length" in headers.by_name:
@@ -2149,6 +2158,15 @@ class UpstreamResponse:
         return self.headers.fields
 
 
+# A head of plain "name: value" lines, the usual case, is checked and split
+# by one expression over the whole of it: it matches each such line, from
+# its start, and no line with a control character, a bare CR, folding or
+# space around the name or at the end.
+_PLAIN_FIELD = re.compile(r"^([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*"
+                          r"((?:[^\x00-\x08\x0a-\x1f\x7f]*"
+                          r"[^\x00-\x20\x7f])?)\r?\n", re.MULTILINE)
+
+
 def read_fields(fp) -> list:
     """Header fields up to the blank line, as (name, value) pairs.
 
@@ -2157,7 +2175,7 @@ def read_fields(fp) -> list:
     becomes a space, so it can never end a line for the client (RFC 9112,
     section 2.2; RFC 9110, section 5.5).
     """
-    fields = []
+    lines = []
     size = 0
     for _ in range(MAX_HEADER_COUNT + 1):
         line = fp.readline(MAX_HEADER_BYTES + 1)
@@ -2165,7 +2183,7 @@ def read_fields(fp) -> list:
             raise BadAnswer("sent a header line over %d KiB"
                             % (MAX_HEADER_BYTES // 1024))
         if line in (b"\r\n", b"\n"):
-            return fields
+            break
         if not line.endswith(b"\n"):
             raise BadAnswer("closed the connection in the middle of its "
                             "header fields")
@@ -2173,6 +2191,14 @@ def read_fields(fp) -> list:
         if size > MAX_ANSWER_HEAD:
             raise BadAnswer("sent over %d KiB of header fields"
                             % (MAX_ANSWER_HEAD // 1024))
+        lines.append(line)
+    else:
+        raise BadAnswer("sent more than %d header fields" % MAX_HEADER_COUNT)
+    fields = _PLAIN_FIELD.findall(b"".join(lines).decode("iso-8859-1"))
+    if len(fields) == len(lines):  # every line is a plain field
+        return fields
+    fields = []
+    for line in lines:
         text = line.decode("iso-8859-1").rstrip("\r\n")
         if _BAD_FIELD_VALUE.search(text):
             text = _BAD_FIELD_VALUE.sub(" ", text)
@@ -2185,7 +2211,7 @@ def read_fields(fp) -> list:
         name = name.rstrip()  # a proxy removes space before the colon
         if colon and _TOKEN.match(name):
             fields.append((name, value.strip()))
-    raise BadAnswer("sent more than %d header fields" % MAX_HEADER_COUNT)
+    return fields
 
 
 class UpstreamConnection:
@@ -3112,7 +3138,8 @@ class ProxyMixin:
         Another key is tried on a connection failure, a 429 or a 5xx, all
         before any byte reached the client. A request that may have reached
         the provider without an answer (a timeout, a reset after sending)
-        is never sent again: it could be billed twice.
+        is not sent again unless it may be repeated (see _attempt): it
+        could be billed twice.
         """
         provider = ex.route.provider
         pool = self.gw.pool
@@ -3146,7 +3173,8 @@ class ProxyMixin:
         raise AssertionError("unreachable")
 
     def _attempt(self, pool, provider, method, target, body, headers):
-        """One request on a pooled connection, with a stale-retry."""
+        """One request on a pooled connection; sent again on a new one
+        only when the provider cannot have started on it twice."""
         for attempt in range(2):
             conn, reused = pool.get(provider, fresh=attempt > 0)
             if conn.sock is None:
@@ -3155,33 +3183,43 @@ class ProxyMixin:
                 except OSError as e:  # refused, unreachable, TLS, timeout
                     conn.close()
                     raise CannotConnect(e) from None
-            sent = None
             try:
-                try:
-                    conn.send_request(method, target, headers, body)
-                except ValueError:  # a target that cannot go on the wire
-                    conn.close()
-                    raise GatewayError(400, "invalid_request",
-                                       "the request cannot be forwarded "
-                                       "as it is") from None
-                except STALE_CONNECTION_ERRORS:
-                    # it may have answered (a 413, say) and closed before
-                    # reading the whole body: that answer is the one to give
-                    resp = conn.early_answer(method)
-                    if resp is None:
-                        raise
+                conn.send_request(method, target, headers, body)
+            except ValueError:  # a target that cannot go on the wire
+                conn.close()
+                raise GatewayError(400, "invalid_request",
+                                   "the request cannot be forwarded as it "
+                                   "is") from None
+            except socket.timeout:
+                conn.close()
+                raise GatewayError(
+                    504, "upstream_timeout",
+                    "provider %r did not take the request in time"
+                    % provider.name) from None
+            except OSError as e:  # (TLS: SSLEOFError as well as resets)
+                # it may have answered (a 413, say) and closed before
+                # reading the whole body: that answer is the one to give
+                resp = conn.early_answer(method)
+                if resp is not None:
                     return conn, resp
-                sent = True
+                conn.close()
+                if reused:
+                    continue  # it never went out whole: no harm in resending
+                raise GatewayError(
+                    502, "upstream_error",
+                    "provider %r closed the connection while the request "
+                    "was being sent (%s)" % (provider.name,
+                                             type(e).__name__)) from None
+            try:
                 return conn, conn.getresponse(method)
             except STALE_CONNECTION_ERRORS as e:
                 conn.close()
-                # Sent again on a new connection only if the provider
-                # cannot have started on it twice: the request did not go
-                # out whole, or it may be repeated (its method, or an
-                # Idempotency-Key the provider dedupes on). A POST that goes
-                # out as the provider closes the idle connection it went on
-                # therefore gets a 502, which the SDKs retry themselves.
-                if reused and (sent is None or method in IDEMPOTENT_METHODS
+                # Sent again on a new connection only if repeating it is
+                # harmless: by its method, or by an Idempotency-Key the
+                # provider dedupes on. A POST that went out as the provider
+                # closed the idle connection it went on therefore gets a
+                # 502, which the SDKs retry themselves.
+                if reused and (method in IDEMPOTENT_METHODS
                                or "idempotency-key" in headers):
                     continue
                 raise GatewayError(
@@ -3288,8 +3326,10 @@ class ProxyMixin:
                                    "is not JSON" % provider.name) from None
             ex.usage = usage_from_body(obj, ex.route.kind,
                                        ex.route.anthropic_format)
-        if self.client_left():  # (a client that timed out, say)
-            raise ClientGone()
+        if self.client_left():  # (its own timeout, say)
+            # sent all the same: it may have closed only its sending side
+            ex.error = "client_disconnected"
+            self.close_connection = True
         ex.first_byte()
         if not self.finish_exchange(ex):
             raise storage_error()
@@ -3417,9 +3457,10 @@ class ProxyMixin:
             raise ClientGone() from None
 
     def client_left(self) -> bool:
-        """Has the client closed the connection while waiting?
+        """Has the client closed the connection, or its sending side,
+        while waiting?
 
-        A write to such a connection still succeeds, so the answer would
+        A write to a closed connection still succeeds, so the answer would
         count as delivered. Where the system cannot tell (no POLLRDHUP,
         outside Linux), the answer counts as delivered.
         """

@@ -377,6 +377,38 @@ def test_a_client_that_gave_up_before_the_answer_is_recorded_as_gone(
     assert row["estimated"] == 0
 
 
+def test_a_client_that_closed_only_its_sending_side_still_gets_the_answer(
+        gw, upstream, key):
+    # some scripts (nc -N, say) shut down writing after the request and
+    # then read: the gateway cannot tell that from a client that left, so
+    # it records the row as for one, but sends the answer all the same
+    upstream.queue(Reply(stall=0.3))
+    data = json.dumps(body_for(CHAT, "gpt-4o-mini")).encode()
+    sock = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+    try:
+        sock.sendall(("POST %s HTTP/1.1\r\nHost: gw\r\n"
+                      "Authorization: Bearer %s\r\n"
+                      "Content-Type: application/json\r\n"
+                      "Content-Length: %d\r\n\r\n"
+                      % (CHAT, key["secret"], len(data))).encode() + data)
+        sock.shutdown(socket.SHUT_WR)
+        received = b""
+        for _ in range(1000):  # until the gateway closes
+            more = sock.recv(65536)
+            if not more:
+                break
+            received += more
+    finally:
+        sock.close()
+
+    head, _, content = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), received[:200]
+    assert json.loads(content.decode("utf-8"))["usage"]["prompt_tokens"] == 21
+    row = one_row(gw, key)
+    assert row["error"] == "client_disconnected", row
+    assert (row["input_tokens"], row["output_tokens"]) == (21, 9), row
+
+
 def test_a_client_leaving_an_anthropic_stream_keeps_the_reported_input(
         gw, upstream, key):
     upstream.usage.update(ANTHROPIC_USAGE)

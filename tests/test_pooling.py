@@ -107,3 +107,54 @@ def test_a_tls_connection_is_reused_only_when_nothing_follows_its_answer(
         conn.close()
         thread.join(10)
         listener.close()
+
+
+def test_an_early_answer_over_tls_reaches_the_client(gateway, certificate):
+    # over TLS a write to a connection the provider dropped fails with a
+    # TLS error rather than a reset; the answer it sent first still counts
+    cert, keyfile = certificate
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, keyfile)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    listener.settimeout(10)
+    refusal = (b'{"error":{"message":"request too large","type":'
+               b'"invalid_request_error","param":null,"code":null}}')
+    answer = (b"HTTP/1.1 413 Payload Too Large\r\n"
+              b"Content-Type: application/json\r\nConnection: close\r\n"
+              b"Content-Length: %d\r\n\r\n" % len(refusal)) + refusal
+    heads = []
+
+    def provider():
+        raw, _ = listener.accept()
+        with server_ctx.wrap_socket(raw, server_side=True) as tls:
+            tls.settimeout(10)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += tls.recv(65536)
+            heads.append(head.split(b"\r\n", 1)[0])
+            tls.sendall(answer)
+            time.sleep(0.05)
+        # closed with most of the body unread: the peer gets a reset
+
+    thread = threading.Thread(target=provider, daemon=True)
+    thread.start()
+    try:
+        url = "https://127.0.0.1:%d/v1" % listener.getsockname()[1]
+        gw = gateway(config={"providers": {"openai": {"base_url": url}}},
+                     env={"SSL_CERT_FILE": cert})
+        key = gw.create_key("tls-early")
+        body = {"model": "gpt-4o-mini",
+                "messages": [{"role": "user", "content": "x" * (16 << 20)}]}
+
+        status, _, content = gw.request("POST", CHAT, body, key=key)
+
+        assert (status, content) == (413, refusal)
+        assert heads == [b"POST /v1/chat/completions HTTP/1.1"]
+        rows = gw.wait_rows(1)
+        assert rows[0]["status"] == 413, rows
+        assert rows[0]["error"] == "provider_error", rows
+    finally:
+        thread.join(10)
+        listener.close()

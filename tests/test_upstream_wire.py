@@ -928,23 +928,56 @@ def test_a_content_length_list_of_one_value_is_that_length(
     assert_ok_row(gw, key, 3, 4)
 
 
-@pytest.mark.parametrize("fields", [
-    (("Transfer-Encoding", "identity, chunked"),),
-    (("Transfer-Encoding", "identity"), ("Transfer-Encoding", "chunked")),
-    (("Transfer-Encoding", "chunked"), ("Content-Length", "7")),
-], ids=["list", "two-fields", "with-content-length"])
+@pytest.mark.parametrize("version, fields, reused", [
+    ("HTTP/1.1", (("Transfer-Encoding", "identity, chunked"),), True),
+    ("HTTP/1.1", (("Transfer-Encoding", "identity"),
+                  ("Transfer-Encoding", "chunked")), True),
+    # both framings, or chunked in HTTP/1.0, may hide a second answer
+    # (RFC 9112, 6.1 and 6.3): the connection is not used again
+    ("HTTP/1.1", (("Transfer-Encoding", "chunked"),
+                  ("Content-Length", "7")), False),
+    ("HTTP/1.0", (("Transfer-Encoding", "chunked"),
+                  ("Connection", "keep-alive")), False),
+], ids=["list", "two-fields", "with-content-length", "http10"])
 def test_chunked_as_the_last_coding_frames_the_body(
-        gw, provider, key, fields):
+        gw, provider, key, version, fields, reused):
     body = completion("chatcmpl-te", 6, 5)
-    provider.queue(Script([head(fields=(("Content-Type", "application/json"),)
-                                + fields),
-                           chunk(body[:50]) + chunk(body[50:]) + b"0\r\n\r\n"]))
+    follow = completion("chatcmpl-next", 1, 1)
+    provider.queue(
+        Script([head(fields=(("Content-Type", "application/json"),)
+                     + fields, version=version),
+                chunk(body[:50]) + chunk(body[50:]) + b"0\r\n\r\n"]),
+        Script(json_answer(follow) + follow))
 
     status, headers, content = gw.request("POST", CHAT, chat_body(), key=key)
+    second = gw.request("POST", CHAT, chat_body(), key=key)
 
     assert (status, content) == (200, body)
     assert headers["content-length"] == str(len(body))
-    assert_ok_row(gw, key, 6, 5)
+    assert (second[0], second[2]) == (200, follow)
+    one, two = provider.received()
+    assert (two.conn == one.conn) is reused
+    if not reused:
+        assert provider.wait_peer_closed(one.conn)
+    rows = key_rows(gw, key, count=2)
+    assert [(r["input_tokens"], r["output_tokens"]) for r in rows] == \
+        [(6, 5), (1, 1)]
+
+
+@pytest.mark.parametrize("coding", ["gzip, chunked", "gzip"])
+def test_a_transfer_coding_the_gateway_never_asked_for_gives_502(
+        gw, provider, key, coding):
+    # Transfer-Encoding is hop-by-hop: passed on without its label, the
+    # client would get compressed bytes it cannot tell apart
+    provider.queue(Script(head(fields=(("Content-Type", "application/json"),
+                                       ("Transfer-Encoding", coding)))
+                          + b"\x1f\x8b\x08\x00", close=True))
+
+    status, _, content = gw.request("POST", CHAT, chat_body(), key=key)
+
+    assert status == 502, (status, content)
+    assert "transfer coding" in openai_upstream_error(content)["message"]
+    assert_upstream_error_row(gw, key)
 
 
 def test_a_stream_in_a_coding_list_reaches_the_client_without_chunk_sizes(
@@ -1073,6 +1106,44 @@ def test_a_post_read_and_dropped_without_an_answer_is_not_sent_again(
     openai_upstream_error(content)
     rows = key_rows(gw, key, count=2)
     assert len(rows) == 2 and rows[1]["status"] == 502, rows
+
+
+def test_a_get_read_and_dropped_without_an_answer_is_sent_again(
+        gw, provider, key):
+    # repeating a GET is harmless (RFC 9110, 9.2.2)
+    primed = prime_connection(gw, provider, key)
+    listing = b'{"object":"file","id":"f-1"}'
+    provider.queue(Script(b"", close=True),
+                   Script(json_answer(listing) + listing))
+
+    status, _, content = gw.request("GET", "/openai/v1/files/f-1", key=key)
+
+    assert (status, content) == (200, listing)
+    received = provider.received()
+    assert len(received) == 3
+    assert received[1].conn == primed.conn != received[2].conn
+    assert received[2].request_line == "GET /v1/files/f-1 HTTP/1.1"
+
+
+def test_a_post_that_could_not_be_sent_whole_is_sent_again(
+        gw, provider, key):
+    # the provider dropped the pooled connection after the head, reading
+    # none of the body and answering nothing: it cannot have started
+    primed = prime_connection(gw, provider, key)
+    good = completion("chatcmpl-whole", 5, 5)
+    provider.queue(Script(b"", early=True, reset=True),
+                   Script(json_answer(good) + good))
+    body = chat_body(messages=[{"role": "user", "content": "y" * (16 << 20)}])
+
+    status, _, content = gw.request("POST", CHAT, body, key=key)
+
+    assert (status, content) == (200, good)
+    received = provider.received()
+    assert len(received) == 3
+    assert received[1].conn == primed.conn != received[2].conn
+    assert len(received[2].body) == len(json.dumps(body))
+    rows = key_rows(gw, key, count=2)
+    assert [r["status"] for r in rows] == [200, 200], rows
 
 
 def test_a_post_with_an_idempotency_key_is_sent_again_on_a_new_connection(
