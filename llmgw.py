@@ -4182,6 +4182,9 @@ class Gateway:
         self.draining = False
         self.stopping = threading.Event()
         self.server = None
+        # Access lines go to the log writer directly, past the logger's
+        # level and filters: they are INFO, and serve only ever sets INFO or
+        # DEBUG. Without the writer (tests, embedding), through the logger.
         writer = next((h for h in log.handlers
                        if isinstance(h, BackgroundLogHandler)), None)
         self.log_access = writer.access if writer is not None else \
