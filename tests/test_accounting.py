@@ -351,20 +351,25 @@ def test_a_client_leaving_mid_stream_leaves_one_estimated_row(gw, upstream,
     assert upstream.last.outcome != "ok"
 
 
+def send_chat_request(gateway, key):
+    """Send a chat request on a raw socket, to close it as a client would."""
+    data = json.dumps(body_for(CHAT, "gpt-4o-mini")).encode()
+    sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
+    sock.sendall(("POST %s HTTP/1.1\r\nHost: gw\r\n"
+                  "Authorization: Bearer %s\r\nContent-Type: application/json"
+                  "\r\nContent-Length: %d\r\n\r\n"
+                  % (CHAT, key["secret"], len(data))).encode() + data)
+    return sock
+
+
 def test_a_client_that_gave_up_before_the_answer_is_recorded_as_gone(
         gw, upstream, key):
     # a client's own timeout: it closes while the provider still works.
     # The provider did the work, so its tokens count; but the answer was
     # never delivered, and the row must not say it was.
     upstream.queue(Reply(stall=0.8))
-    data = json.dumps(body_for(CHAT, "gpt-4o-mini")).encode()
-    sock = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+    sock = send_chat_request(gw, key)
     try:
-        sock.sendall(("POST %s HTTP/1.1\r\nHost: gw\r\n"
-                      "Authorization: Bearer %s\r\n"
-                      "Content-Type: application/json\r\n"
-                      "Content-Length: %d\r\n\r\n"
-                      % (CHAT, key["secret"], len(data))).encode() + data)
         time.sleep(0.2)
     finally:
         sock.close()
@@ -383,14 +388,8 @@ def test_a_client_that_closed_only_its_sending_side_still_gets_the_answer(
     # then read: the gateway cannot tell that from a client that left, so
     # it records the row as for one, but sends the answer all the same
     upstream.queue(Reply(stall=0.3))
-    data = json.dumps(body_for(CHAT, "gpt-4o-mini")).encode()
-    sock = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+    sock = send_chat_request(gw, key)
     try:
-        sock.sendall(("POST %s HTTP/1.1\r\nHost: gw\r\n"
-                      "Authorization: Bearer %s\r\n"
-                      "Content-Type: application/json\r\n"
-                      "Content-Length: %d\r\n\r\n"
-                      % (CHAT, key["secret"], len(data))).encode() + data)
         sock.shutdown(socket.SHUT_WR)
         received = b""
         for _ in range(1000):  # until the gateway closes

@@ -55,6 +55,19 @@ ANSWER = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
           b"Content-Length: 2\r\n\r\n{}")
 
 
+def tls_listener(certificate):
+    """A TLS server context for the test certificate, and a listening
+    socket on 127.0.0.1 for it."""
+    cert, keyfile = certificate
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, keyfile)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    listener.settimeout(10)
+    return server_ctx, listener
+
+
 @pytest.mark.parametrize("after, reusable", [
     (b"", True),
     (b"\r\n", False),
@@ -63,13 +76,8 @@ ANSWER = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
 ], ids=["nothing", "stray-crlf", "stray-answer", "closed"])
 def test_a_tls_connection_is_reused_only_when_nothing_follows_its_answer(
         certificate, after, reusable):
-    cert, keyfile = certificate
-    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_ctx.load_cert_chain(cert, keyfile)
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    listener.settimeout(10)
+    cert, _ = certificate
+    server_ctx, listener = tls_listener(certificate)
     done, release = threading.Event(), threading.Event()
 
     def provider():
@@ -112,13 +120,8 @@ def test_a_tls_connection_is_reused_only_when_nothing_follows_its_answer(
 def test_an_early_answer_over_tls_reaches_the_client(gateway, certificate):
     # over TLS a write to a connection the provider dropped fails with a
     # TLS error rather than a reset; the answer it sent first still counts
-    cert, keyfile = certificate
-    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_ctx.load_cert_chain(cert, keyfile)
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(4)
-    listener.settimeout(10)
+    cert, _ = certificate
+    server_ctx, listener = tls_listener(certificate)
     refusal = (b'{"error":{"message":"request too large","type":'
                b'"invalid_request_error","param":null,"code":null}}')
     answer = (b"HTTP/1.1 413 Payload Too Large\r\n"
