@@ -3328,7 +3328,7 @@ class ProxyMixin:
                                        ex.route.anthropic_format)
         if self.client_left():  # (its own timeout, say)
             # sent all the same: it may have closed only its sending side
-            ex.error = "client_disconnected"
+            ex.error = ex.error or "client_disconnected"
             self.close_connection = True
         ex.first_byte()
         if not self.finish_exchange(ex):
