@@ -168,6 +168,17 @@ def hash_secret(secret: str) -> str:
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\\]")
 
 
+_LOGFMT_PLAIN = re.compile(r'[^ ="\\]+\Z')
+
+
+def logfmt(value: object) -> str:
+    """A value for a name=value log line, quoted when it holds a space,
+    "=", a quote or a backslash (a model name, a path), or is empty."""
+    if type(value) is not str or _LOGFMT_PLAIN.match(value):
+        return str(value)
+    return '"%s"' % value.replace("\\", "\\\\").replace('"', '\\"')
+
+
 def escape_control(value: object) -> str:
     """Make a value safe to put in a one-line log record."""
     text = str(value)
@@ -1360,6 +1371,14 @@ MODEL_PATHS = frozenset(("/chat/completions", "/completions", "/responses",
 _BAD_PATH = re.compile(
     r"%2f|%5c|\\|%2e|%[01][0-9a-f]|%7f|[\x00-\x20\x7f]", re.I)
 _BAD_QUERY = re.compile(r"%[01][0-9a-f]|%7f|[\x00-\x20\x7f]", re.I)
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+                        "0123456789-_~")  # and ".", refused encoded
+
+
+def _unescape_unreserved(match) -> str:
+    char = chr(int(match.group(1), 16))
+    return char if char in _UNRESERVED else match.group(0)
 
 
 class Usage:
@@ -1658,6 +1677,11 @@ def split_target(target: str) -> tuple:
         raise GatewayError(400, "invalid_request",
                            "the request path holds an encoded slash, a dot "
                            "segment, a backslash or a control character")
+    if "%" in path:
+        # "%65" in a path is "e" (RFC 3986, section 6.2.2.2): decoded, so
+        # that routing, and reading usage from the answer, see the path the
+        # provider serves
+        path = _ESCAPE.sub(_unescape_unreserved, path)
     segments = path.split("/")
     if ".." in segments or "." in segments or "" in segments[1:-1]:
         raise GatewayError(400, "invalid_request",
@@ -2473,9 +2497,11 @@ class Watchdog:
         with self.lock:
             self.deadlines[conn] = (time.monotonic() + seconds, on_expiry)
 
-    def disarm(self, conn) -> None:
+    def disarm(self, conn) -> bool:
+        """Stop watching conn; False if its deadline had passed, and the
+        connection is being shut down (with a 408, for a request head)."""
         with self.lock:
-            self.deadlines.pop(conn, None)
+            return self.deadlines.pop(conn, None) is not None
 
     def run(self) -> None:
         while not self.stopped.wait(0.2):
@@ -2528,7 +2554,7 @@ class ConnectionHandler(BaseHTTPRequestHandler):
                 self.handle_one_request()
                 if self.gw.draining:
                     break
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, ClientGone) as e:
             # the client went away or sent what TLS could not read
             log.debug("connection from %s ended: %s", self.client_address[0],
                       e)
@@ -2584,9 +2610,13 @@ class ConnectionHandler(BaseHTTPRequestHandler):
         self.gw.watchdog.arm(self.connection, self.limits["header_timeout_s"],
                              self._send_timeout)
         try:
-            return self._read_head(started)
+            req = self._read_head(started)
         finally:
-            self.gw.watchdog.disarm(self.connection)
+            on_time = self.gw.watchdog.disarm(self.connection)
+        if not on_time:  # the head came as the watchdog answered 408
+            self.close_connection = True
+            return None
+        return req
 
     def _send_timeout(self):
         """Answer 408 from the watchdog: the client was too slow."""
@@ -2719,6 +2749,10 @@ class ConnectionHandler(BaseHTTPRequestHandler):
             return b""
         if headers.get("expect", "").lower() == "100-continue":
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if te is not None and req.version == "HTTP/1.0":
+            # RFC 9112, section 6.1: faulty framing, whatever it says; the
+            # connection is not read again after this request
+            self.close_connection = True
         self.gw.watchdog.arm(self.connection, self.limits["body_timeout_s"])
         try:
             if length is not None:
@@ -2727,10 +2761,26 @@ class ConnectionHandler(BaseHTTPRequestHandler):
                     raise GatewayError(400, "invalid_request",
                                        "the body ended before Content-"
                                        "Length bytes", close=True)
-                return body
-            return self._read_chunked(limit)
+            else:
+                body = self._read_chunked(limit)
+        except socket.timeout:
+            raise GatewayError(408, "request_timeout",
+                               "the body stopped arriving for %gs "
+                               "(limits.idle_timeout_s)"
+                               % self.limits["idle_timeout_s"],
+                               close=True) from None
+        except OSError:
+            raise ClientGone() from None
         finally:
-            self.gw.watchdog.disarm(self.connection)
+            if not self.gw.watchdog.disarm(self.connection):
+                # the deadline passed and the connection is being shut
+                # down: that, not what the cut read made of it, is the error
+                raise GatewayError(408, "request_timeout",
+                                   "the body took longer than %gs "
+                                   "(limits.body_timeout_s)"
+                                   % self.limits["body_timeout_s"],
+                                   close=True)
+        return body
 
     def _read_chunked(self, limit: int) -> bytes:
         parts, total = [], 0
@@ -2972,8 +3022,19 @@ def parse_json_body(req: Request):
     ctype = req.headers.get("content-type", "application/json").lower()
     if "json" not in ctype:
         return None
+    body = req.body
     try:
-        return json.loads(req.body)
+        obj = json.loads(body)
+        # Named twice, "model" is read here as the last value; a provider
+        # may take the first, past the key's allow-list. Only a body with
+        # the name twice, or with a lower-case letter written as an escape
+        # (no encoder writes one), can name it twice.
+        if isinstance(obj, dict) and (body.count(b'"model"') > 1 or
+                                      body.count(b'"stream"') > 1 or
+                                      b"\\u006" in body or
+                                      b"\\u007" in body):
+            refuse_repeated_names(body)
+        return obj
     except (ValueError, UnicodeDecodeError) as e:
         raise GatewayError(400, "invalid_request",
                            "the request body is not valid JSON: %s" % e) \
@@ -2981,6 +3042,19 @@ def parse_json_body(req: Request):
     except RecursionError:
         raise GatewayError(400, "invalid_request",
                            "the request body is nested too deeply") from None
+
+
+def refuse_repeated_names(body: bytes) -> None:
+    """400 when the body's top level names "model" or "stream" twice."""
+    objects = []  # the pairs of every object; the top level's come last
+    json.loads(body, object_pairs_hook=lambda pairs: objects.append(
+        pairs) or dict(pairs))
+    names = [name for name, _ in objects[-1]]
+    for name in ("model", "stream"):
+        if names.count(name) > 1:
+            raise GatewayError(400, "invalid_request",
+                               "the request body names %r more than once"
+                               % name, param=name)
 
 
 def model_of(obj, req: Request) -> str | None:
@@ -3799,8 +3873,13 @@ def _label(value) -> str:
 class Metrics:
     """Counters for GET /metrics, in memory since the process started."""
 
+    # Model names come from clients, refused ones too: past this many, a
+    # new name is counted under "(other)", so /metrics stays bounded.
+    MAX_MODELS = 1000
+
     def __init__(self):
         self.lock = threading.Lock()
+        self.models = set()
         self.requests = collections.Counter()   # labels -> count
         self.tokens = collections.Counter()     # labels + kind -> tokens
         self.cost = collections.Counter()       # labels -> USD
@@ -3809,9 +3888,14 @@ class Metrics:
 
     def observe(self, provider, model, project, status, usage, cost,
                 latency_ms) -> None:
-        labels = (provider or "", model or "", project or "", status)
         seconds = latency_ms / 1000.0
         with self.lock:
+            if model and model not in self.models:
+                if len(self.models) < self.MAX_MODELS:
+                    self.models.add(model)
+                else:
+                    model = "(other)"
+            labels = (provider or "", model or "", project or "", status)
             self.requests[labels] += 1
             if usage is not None:
                 for kind, count in (("input", usage.input),
@@ -3919,8 +4003,8 @@ class AccessFormatter(logging.Formatter):
             return json.dumps(obj)
         if fields is not None:
             text = escape_control(" ".join(
-                ["%s=%s" % item for item in fields.items()
-                 if item[1] is not None]))
+                ["%s=%s" % (name, logfmt(value))
+                 for name, value in fields.items() if value is not None]))
         else:
             text = escape_control(message)
         line = "%s %s %s" % (stamp, level, text)

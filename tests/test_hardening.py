@@ -7,10 +7,13 @@ http.client refuses to send most of them.  Every wait is bounded.
 
 import json
 import os
+import re
 import resource
 import select
 import socket
 import sqlite3
+import struct
+import sys
 import threading
 import time
 
@@ -19,6 +22,10 @@ import pytest
 from conftest import (ADMIN_KEY, ANTHROPIC_UPSTREAM_KEY, OPENAI_UPSTREAM_KEY,
                       closed_port, file_mode, poll, query_db, start_gateway)
 from fakes import Reply, error_body, http_request
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))))
+import llmgw  # noqa: E402
 
 
 CHAT = "/v1/chat/completions"
@@ -1097,3 +1104,212 @@ def test_many_unknown_keys_from_one_address_get_429_while_a_valid_key_works(
     assert status == 200, body
     assert upstream.requests and upstream.last.headers[
         "authorization"] == "Bearer " + OPENAI_UPSTREAM_KEY
+
+
+# ---------------------------------------------------------------------------
+# what a hostile client could otherwise get past the gateway
+# ---------------------------------------------------------------------------
+
+def test_a_percent_encoded_route_is_routed_and_billed_as_the_route_itself(
+        gw, upstream):
+    # "%65" is "e": a provider serves /v1/m%65ssages as /v1/messages, so the
+    # gateway must read its usage as an Anthropic stream's, input included
+    key = gw.key
+    body = {"model": "claude-3-5-haiku-latest", "max_tokens": 16,
+            "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+
+    events = gw.stream("/v1/m%65ssages", body,
+                       headers={"x-api-key": key["secret"]})
+
+    assert events.status == 200 and events.error is None, events.body
+    assert upstream.last.path == "/v1/messages"
+    rows = row_for(gw, events.headers["x-llmgw-request-id"])
+    assert (rows[0]["input_tokens"], rows[0]["output_tokens"]) == (17, 11)
+    assert rows[0]["estimated"] == 0 and rows[0]["error"] is None, rows[0]
+
+
+def test_a_percent_encoded_chat_route_still_asks_for_stream_usage(
+        gw, upstream):
+    events = gw.stream("/v1/%63hat/c%6Fmpletions", chat_body(stream=True),
+                       key=gw.key)
+
+    assert events.status == 200 and events.error is None, events.body
+    assert upstream.last.path == "/v1/chat/completions"
+    assert upstream.last.json["stream_options"] == {"include_usage": True}
+    rows = row_for(gw, events.headers["x-llmgw-request-id"])
+    assert (rows[0]["input_tokens"], rows[0]["estimated"]) == (21, 0)
+
+
+@pytest.mark.parametrize("body", [
+    b'{"model":"gpt-4o","model":"gpt-4o-mini","messages":[]}',
+    b'{"model":"gpt-4o","mod\\u0065l":"gpt-4o-mini","messages":[]}',
+    b'{"model":"gpt-4o-mini","stream":false,"stream":true,"messages":[]}',
+], ids=["model-twice", "model-escaped", "stream-twice"])
+def test_a_body_naming_model_or_stream_twice_is_refused(gw, upstream, body):
+    # a provider that takes the first value would serve a model the key's
+    # allow-list never saw
+    key = gw.key
+    sent = len(upstream.requests)
+    status, headers, content = gw.request(
+        "POST", CHAT, body, key=key,
+        headers={"Content-Type": "application/json"})
+
+    assert status == 400, content
+    err = assert_json_error(content)["error"]
+    assert err["code"] == "invalid_request"
+    assert err["param"] in ("model", "stream")
+    assert len(upstream.requests) == sent
+    rows = row_for(gw, headers["x-llmgw-request-id"])
+    assert rows[0]["status"] == 400
+
+
+def test_model_named_twice_below_the_top_level_is_forwarded(gw, upstream):
+    body = {"model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": '"model" \u00e9'}],
+            "tools": [{"type": "function", "function": {
+                "name": "pick", "parameters": {"type": "object",
+                                               "properties": {"model": {
+                                                   "type": "string"}}}}}]}
+
+    status, _, content = gw.request("POST", CHAT, body, key=gw.key)
+
+    assert status == 200, content
+    assert upstream.last.json == body
+
+
+def test_a_client_stalling_mid_body_gets_408_and_a_408_row(
+        shared_gateways, upstream):
+    gw = shared_gateways(config={"limits": {"idle_timeout_s": 0.5,
+                                            "body_timeout_s": 30}})
+    key = gw.create_key("stall")
+    data = json.dumps(chat_body()).encode()
+    raw = Raw(gw.port)
+    try:
+        raw.send(head("POST", CHAT, [
+            ("Host", "gw"), ("Authorization", "Bearer " + key["secret"]),
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(data)))]) + data[:10])
+        status, _, body = raw.response()
+    finally:
+        raw.close()
+
+    assert status == 408, body
+    assert assert_json_error(body)["error"]["code"] == "request_timeout"
+    rows = gw.wait_rows(1)
+    assert (rows[0]["status"], rows[0]["error"]) == (408, "request_timeout")
+    assert len(upstream.requests) == 0
+
+
+def test_a_body_trickled_past_the_body_deadline_is_cut_with_a_408_row(
+        shared_gateways, upstream):
+    gw = shared_gateways(config={"limits": {"idle_timeout_s": 5,
+                                            "body_timeout_s": 0.6}})
+    key = gw.create_key("trickle")
+    data = json.dumps(chat_body()).encode()
+    raw = Raw(gw.port)
+    try:
+        raw.send(head("POST", CHAT, [
+            ("Host", "gw"), ("Authorization", "Bearer " + key["secret"]),
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(data)))]))
+        closed = False
+        for byte in data[:-1]:  # a byte every 0.1 s: never idle for long
+            try:
+                raw.send(bytes([byte]))
+            except OSError:
+                closed = True
+                break
+            time.sleep(0.1)
+        assert closed or raw.closed_by_server()
+    finally:
+        raw.close()
+
+    rows = gw.wait_rows(1)
+    assert (rows[0]["status"], rows[0]["error"]) == (408, "request_timeout")
+    assert len(upstream.requests) == 0
+
+
+def test_a_client_resetting_mid_body_is_recorded_as_gone(
+        shared_gateways, upstream):
+    gw = shared_gateways()
+    key = gw.create_key("reset")
+    data = json.dumps(chat_body()).encode()
+    sock = socket.create_connection(("127.0.0.1", gw.port), timeout=5)
+    sock.sendall(head("POST", CHAT, [
+        ("Host", "gw"), ("Authorization", "Bearer " + key["secret"]),
+        ("Content-Type", "application/json"),
+        ("Content-Length", str(len(data)))]) + data[:10])
+    time.sleep(0.2)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                    struct.pack("ii", 1, 0))
+    sock.close()
+
+    rows = gw.wait_rows(1)
+    assert rows[0]["error"] == "client_disconnected", rows[0]
+    assert len(upstream.requests) == 0
+    assert health_ok(gw)
+
+
+def test_an_http10_chunked_request_is_answered_and_its_connection_closed(
+        gw, upstream):
+    # RFC 9112, 6.1: such framing is faulty; what follows it on the
+    # connection must not be read as another request
+    data = json.dumps(chat_body()).encode()
+    raw = Raw(gw.port)
+    try:
+        raw.send(head("POST", CHAT, [
+            ("Authorization", "Bearer " + gw.key["secret"]),
+            ("Content-Type", "application/json"),
+            ("Connection", "keep-alive"),
+            ("Transfer-Encoding", "chunked")], version="HTTP/1.0")
+            + chunked(data) + head("GET", "/health", [("Host", "gw")]))
+        status, _, _ = raw.response()
+        assert status == 200
+        assert raw.closed_by_server()
+    finally:
+        raw.close()
+
+
+def test_spaces_in_a_model_name_cannot_add_fields_to_the_access_log(
+        gw, upstream):
+    model = "gpt-4o-mini status=200 key_id=key_forged"
+    status, headers, _ = gw.request("POST", CHAT, chat_body(model=model),
+                                    key=gw.key)
+    line = access_line(gw, headers["x-llmgw-request-id"])
+    # as a logfmt reader splits it: name=value, or name="quoted value"
+    pairs = re.findall(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)', line)
+    assert [v for k, v in pairs if k == "key_id"] == [gw.key["id"]], line
+    assert [v for k, v in pairs if k == "status"] == ["200"], line
+    assert [v for k, v in pairs if k == "model"] == ['"%s"' % model], line
+
+
+def test_client_chosen_model_names_do_not_grow_metrics_without_bound():
+    metrics = llmgw.Metrics()
+    for i in range(llmgw.Metrics.MAX_MODELS + 500):
+        metrics.observe("openai", "nope/%05d" % i, "p", 400, None, None, 1.0)
+    text = metrics.render()
+    names = set(re.findall(r'model="([^"]*)"', text))
+    assert len(names) == llmgw.Metrics.MAX_MODELS + 1
+    assert "(other)" in names
+    assert 'model="(other)",project="p",status="400"} 500' in text
+
+
+def test_a_head_finished_as_the_watchdog_fires_is_not_served():
+    # the watchdog answers 408 and shuts the connection; a request whose
+    # head arrived in that moment must not go on to the provider
+    watchdog = llmgw.Watchdog()
+    thread = threading.Thread(target=watchdog.run, daemon=True)
+    thread.start()
+    a, b = socket.socketpair()
+    try:
+        fired = threading.Event()
+        watchdog.arm(a, 0.0, fired.set)
+        assert fired.wait(5)
+        assert watchdog.disarm(a) is False
+        watchdog.arm(b, 60.0)
+        assert watchdog.disarm(b) is True
+    finally:
+        watchdog.stopped.set()
+        thread.join(5)
+        a.close()
+        b.close()
