@@ -111,6 +111,9 @@ _BAD_FIELD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _BAD_HEAD_CHARACTER = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)")
 _DIGITS = re.compile(r"[0-9]+\Z")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+# HTTP versions: any 1.x is read as 1.1 (RFC 9110, section 2.5)
+_HTTP_1 = re.compile(r"HTTP/1\.[0-9]\Z")
+_HTTP_VERSION = re.compile(r"HTTP/[0-9]\.[0-9]\Z")
 
 
 def utcnow() -> dt.datetime:
@@ -1670,9 +1673,8 @@ def split_target(target: str) -> tuple:
         raise GatewayError(400, "invalid_request",
                            "the request target must be a path such as "
                            "/v1/chat/completions", close=True)
+    target = target.split("#", 1)[0]  # a fragment is the client's alone
     path, _, query = target.partition("?")
-    if "#" in query:
-        query = query.split("#", 1)[0]
     if _BAD_PATH.search(path) or _BAD_QUERY.search(query):
         raise GatewayError(400, "invalid_request",
                            "the request path holds an encoded slash, a dot "
@@ -2088,7 +2090,6 @@ IDEMPOTENT_METHODS = frozenset(("GET", "HEAD", "OPTIONS", "PUT", "DELETE"))
 _BAD_TARGET = re.compile(r"[^\x21-\x7e]")
 MAX_STATUS_LINE = 64 * 1024
 MAX_ANSWER_HEAD = 256 * 1024  # all header fields of one answer
-_HTTP_1 = re.compile(r"HTTP/1\.[0-9]\Z")
 
 
 class BadAnswer(http.client.HTTPException):
@@ -2628,6 +2629,8 @@ class ConnectionHandler(BaseHTTPRequestHandler):
 
     def _read_head(self, started: float) -> Request | None:
         line = self.rfile.readline(MAX_REQUEST_LINE + 1)
+        if line in (b"\r\n", b"\n"):  # one empty line first is allowed
+            line = self.rfile.readline(MAX_REQUEST_LINE + 1)  # (RFC 9112 2.2)
         if not line.endswith(b"\n"):
             if len(line) > MAX_REQUEST_LINE:
                 raise GatewayError(414, None, "the request line is longer "
@@ -2641,15 +2644,21 @@ class ConnectionHandler(BaseHTTPRequestHandler):
             raise GatewayError(400, "invalid_request",
                                "malformed request line", close=True) \
                 from None
-        if version not in ("HTTP/1.1", "HTTP/1.0") or \
-                not _TOKEN.match(method):
+        if version not in ("HTTP/1.1", "HTTP/1.0"):
+            if _HTTP_1.match(version):
+                version = "HTTP/1.1"  # a later 1.x (RFC 9110, section 2.5)
+            else:
+                raise GatewayError(505 if _HTTP_VERSION.match(version) else
+                                   400, "invalid_request",
+                                   "only HTTP/1.0 and HTTP/1.1 requests are "
+                                   "served", close=True)
+        if not _TOKEN.match(method):
             raise GatewayError(400, "invalid_request",
-                               "only HTTP/1.0 and HTTP/1.1 requests are "
-                               "served", close=True)
+                               "malformed request line", close=True)
         lines = self._header_lines()
         if lines is None:
             return None  # cut off mid-headers
-        headers, lengths = {}, []
+        headers, lengths, hosts = {}, [], 0
         for line in lines:
             name, colon, value = line.partition(":")
             if not colon or not _TOKEN.match(name):
@@ -2660,10 +2669,16 @@ class ConnectionHandler(BaseHTTPRequestHandler):
             value = value.strip(" \t")
             if name == "content-length":
                 lengths.append(value)
+            elif name == "host":
+                hosts += 1
             if name in headers:
                 headers[name] += ", " + value
             else:
                 headers[name] = value
+        if hosts > 1 or (hosts == 0 and version == "HTTP/1.1"):
+            raise GatewayError(400, "invalid_request", "an HTTP/1.1 request "
+                               "carries exactly one Host header (RFC 9112, "
+                               "section 3.2)", close=True)
         return Request(method, target, version, headers, lengths,
                        self.client_address[0], started,
                        self.gw.new_request_id())
@@ -2747,7 +2762,8 @@ class ConnectionHandler(BaseHTTPRequestHandler):
             return b""
         if length == 0:
             return b""
-        if headers.get("expect", "").lower() == "100-continue":
+        if headers.get("expect", "").lower() == "100-continue" and \
+                req.version == "HTTP/1.1":  # HTTP/1.0 knows no 100
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if te is not None and req.version == "HTTP/1.0":
             # RFC 9112, section 6.1: faulty framing, whatever it says; the

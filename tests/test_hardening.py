@@ -1313,3 +1313,41 @@ def test_a_head_finished_as_the_watchdog_fires_is_not_served():
         thread.join(5)
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("request_line, status", [
+    (b"\r\nGET /health HTTP/1.1", 200),   # an empty line first is allowed
+    (b"GET /health HTTP/1.2", 200),       # a later 1.x is read as 1.1
+    (b"GET /health HTTP/2.0", 505),
+    (b"GET /health HTTP/x", 400),
+], ids=["empty-line-first", "http-1.2", "http-2.0", "not-a-version"])
+def test_request_lines_are_read_as_rfc_9112_says(gw, request_line, status):
+    answer = raw_answer(gw.port, request_line + b"\r\nHost: gw\r\n\r\n")
+    assert answer is not None
+    assert answer[0] == status, answer
+    if status == 200:
+        assert json.loads(answer[2])["status"] == "ok"
+    else:
+        assert_json_error(answer[2])
+
+
+def test_an_http10_expect_gets_no_interim_answer(gw, upstream):
+    # RFC 9110, 10.1.1: a 100 (Continue) is for HTTP/1.1 clients only
+    data = json.dumps(chat_body()).encode()
+    raw = Raw(gw.port)
+    try:
+        raw.send(head("POST", CHAT, [
+            ("Authorization", "Bearer " + gw.key["secret"]),
+            ("Content-Type", "application/json"), ("Expect", "100-continue"),
+            ("Content-Length", str(len(data)))], version="HTTP/1.0") + data)
+        first = raw.file.readline(1024)
+    finally:
+        raw.close()
+    assert first.startswith(b"HTTP/1.1 200 "), first
+
+
+def test_a_fragment_in_the_target_is_not_forwarded(gw, upstream):
+    status, _, _ = gw.request("POST", CHAT + "#part", chat_body(),
+                              key=gw.key)
+    assert status == 200
+    assert upstream.last.path == CHAT  # the raw target, query and all

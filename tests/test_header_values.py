@@ -105,7 +105,14 @@ def test_repeated_headers_tabs_and_bare_lf_line_ends_are_read_as_before(
 
 
 def test_a_request_without_header_fields_gets_an_answer(gateway, upstream):
+    # HTTP/1.0 needs no Host; an HTTP/1.1 request without one is refused
+    # (RFC 9112, section 3.2), as is one with two
     gw = gateway()
-    status, _, answer = raw_exchange(gw.port, b"GET /health HTTP/1.1\r\n\r\n")
+    status, _, answer = raw_exchange(gw.port, b"GET /health HTTP/1.0\r\n\r\n")
     assert status == 200
     assert json.loads(answer)["status"] == "ok"
+    for head in (b"GET /health HTTP/1.1\r\n\r\n",
+                 b"GET /health HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"):
+        status, _, answer = raw_exchange(gw.port, head)
+        assert status == 400, head
+        assert "Host" in json.loads(answer)["error"]["message"]
