@@ -1692,6 +1692,17 @@ def split_target(target: str) -> tuple:
     return path, query
 
 
+def anthropic_target(config: Config, target: str) -> bool:
+    """Does a request target name an Anthropic route? For the errors found
+    before it is routed."""
+    if target.startswith("/v1/messages"):
+        return True
+    name, _, rest = target[1:].partition("/")
+    provider = config.providers.get(name)
+    return provider is not None and provider.anthropic and \
+        rest.startswith("v1")
+
+
 def resolve_route(config: Config, path: str, query: str) -> Route | None:
     """Route a /v1/... or /{provider}/v1/... path; None if it is neither."""
     if path == "/v1" or path.startswith("/v1/"):
@@ -2625,7 +2636,8 @@ class ConnectionHandler(BaseHTTPRequestHandler):
                            "the request line and headers took longer than "
                            "%gs" % self.limits["header_timeout_s"])
         self.connection.settimeout(1)
-        self.wfile.write(self.error_bytes(err, False, None, True))
+        self.wfile.write(self.error_bytes(err, self.anthropic_errors, None,
+                                          True))
 
     def _read_head(self, started: float) -> Request | None:
         line = self.rfile.readline(MAX_REQUEST_LINE + 1)
@@ -2655,6 +2667,8 @@ class ConnectionHandler(BaseHTTPRequestHandler):
         if not _TOKEN.match(method):
             raise GatewayError(400, "invalid_request",
                                "malformed request line", close=True)
+        # errors from here on come in the format of the route it names
+        self.anthropic_errors = anthropic_target(self.gw.config, target)
         lines = self._header_lines()
         if lines is None:
             return None  # cut off mid-headers

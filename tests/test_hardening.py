@@ -1351,3 +1351,29 @@ def test_a_fragment_in_the_target_is_not_forwarded(gw, upstream):
                               key=gw.key)
     assert status == 200
     assert upstream.last.path == CHAT  # the raw target, query and all
+
+
+@pytest.mark.parametrize("target", ["/v1/messages", "/anthropic/v1/messages"])
+def test_errors_before_routing_come_in_anthropic_format_on_its_routes(
+        shared_gateways, target):
+    # DESIGN: errors on Anthropic routes are in Anthropic's format, also
+    # those found before the route is known
+    gw = shared_gateways(config={"limits": {"header_timeout_s": 0.5}})
+    many = [("Host", "gw")] + [("X-Filler-%d" % i, "v") for i in range(120)]
+    status, _, body = raw_answer(gw.port, head("POST", target, many))
+    assert status == 431
+    assert_json_error(body, anthropic=True)
+
+    status, _, body = raw_answer(gw.port, head(
+        "POST", target + "/%2e%2e/x", [("Host", "gw")]))
+    assert status == 400
+    assert_json_error(body, anthropic=True)
+
+    raw = Raw(gw.port)
+    try:
+        raw.send(("POST %s HTTP/1.1\r\nHost: gw\r\n" % target).encode())
+        status, _, body = raw.response()  # the header deadline passes
+    finally:
+        raw.close()
+    assert status == 408
+    assert_json_error(body, anthropic=True)
