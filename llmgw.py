@@ -2094,6 +2094,8 @@ class AuthThrottle:
 STALE_CONNECTION_ERRORS = (http.client.RemoteDisconnected,
                            ConnectionResetError, BrokenPipeError,
                            ConnectionAbortedError)
+# methods forwarded to providers
+PROXY_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 # requests that may be repeated (RFC 9110, section 9.2.2)
 IDEMPOTENT_METHODS = frozenset(("GET", "HEAD", "OPTIONS", "PUT", "DELETE"))
 # what may not appear in a request target on the wire (space, controls,
@@ -4157,6 +4159,12 @@ class Handler(ProxyMixin, AdminMixin, ConnectionHandler):
                                "no route %s %s: the gateway serves /v1/..., "
                                "/{provider}/v1/..., /health and /admin/..."
                                % (req.method, path[:200]))
+        if req.method not in PROXY_METHODS:
+            # TRACE above all: a provider would echo the real key back
+            raise GatewayError(405, "invalid_request",
+                               "method %s is not forwarded to providers"
+                               % req.method[:20],
+                               headers={"Allow": ", ".join(PROXY_METHODS)})
         return route
 
     def record_refusal(self, req: Request, err: GatewayError) -> None:

@@ -1377,3 +1377,17 @@ def test_errors_before_routing_come_in_anthropic_format_on_its_routes(
         raw.close()
     assert status == 408
     assert_json_error(body, anthropic=True)
+
+
+@pytest.mark.parametrize("method", ["TRACE", "CONNECT", "PROPFIND", "get"])
+def test_methods_providers_do_not_serve_are_refused_with_405(
+        gw, upstream, method):
+    # a provider answering TRACE would echo the real key to the client
+    sent = len(upstream.requests)
+    status, headers, body = raw_answer(gw.port, head(
+        method, CHAT, [("Host", "gw"),
+                       ("Authorization", "Bearer " + gw.key["secret"])]))
+    assert status == 405, body
+    assert "POST" in headers["allow"]
+    assert_json_error(body)
+    assert len(upstream.requests) == sent
