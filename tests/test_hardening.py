@@ -1177,6 +1177,14 @@ def test_model_named_twice_below_the_top_level_is_forwarded(gw, upstream):
     assert upstream.last.json == body
 
 
+def chat_head(key, length):
+    """The head of a chat request with a body of `length` bytes."""
+    return head("POST", CHAT, [
+        ("Host", "gw"), ("Authorization", "Bearer " + key["secret"]),
+        ("Content-Type", "application/json"),
+        ("Content-Length", str(length))])
+
+
 def test_a_client_stalling_mid_body_gets_408_and_a_408_row(
         shared_gateways, upstream):
     gw = shared_gateways(config={"limits": {"idle_timeout_s": 0.5,
@@ -1185,10 +1193,7 @@ def test_a_client_stalling_mid_body_gets_408_and_a_408_row(
     data = json.dumps(chat_body()).encode()
     raw = Raw(gw.port)
     try:
-        raw.send(head("POST", CHAT, [
-            ("Host", "gw"), ("Authorization", "Bearer " + key["secret"]),
-            ("Content-Type", "application/json"),
-            ("Content-Length", str(len(data)))]) + data[:10])
+        raw.send(chat_head(key, len(data)) + data[:10])
         status, _, body = raw.response()
     finally:
         raw.close()
@@ -1208,10 +1213,7 @@ def test_a_body_trickled_past_the_body_deadline_is_cut_with_a_408_row(
     data = json.dumps(chat_body()).encode()
     raw = Raw(gw.port)
     try:
-        raw.send(head("POST", CHAT, [
-            ("Host", "gw"), ("Authorization", "Bearer " + key["secret"]),
-            ("Content-Type", "application/json"),
-            ("Content-Length", str(len(data)))]))
+        raw.send(chat_head(key, len(data)))
         closed = False
         for byte in data[:-1]:  # a byte every 0.1 s: never idle for long
             try:
@@ -1235,10 +1237,7 @@ def test_a_client_resetting_mid_body_is_recorded_as_gone(
     key = gw.create_key("reset")
     data = json.dumps(chat_body()).encode()
     sock = socket.create_connection(("127.0.0.1", gw.port), timeout=5)
-    sock.sendall(head("POST", CHAT, [
-        ("Host", "gw"), ("Authorization", "Bearer " + key["secret"]),
-        ("Content-Type", "application/json"),
-        ("Content-Length", str(len(data)))]) + data[:10])
+    sock.sendall(chat_head(key, len(data)) + data[:10])
     time.sleep(0.2)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                     struct.pack("ii", 1, 0))

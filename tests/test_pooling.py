@@ -1,5 +1,6 @@
 """Upstream connections are reused only when their last answer is done."""
 
+import contextlib
 import os
 import socket
 import ssl
@@ -68,6 +69,19 @@ def tls_listener(certificate):
     return server_ctx, listener
 
 
+@contextlib.contextmanager
+def accept_request(server_ctx, listener):
+    """Accept one TLS connection and read a request head on it: yields
+    (the TLS socket, the head), and closes the socket after."""
+    raw, _ = listener.accept()
+    with server_ctx.wrap_socket(raw, server_side=True) as tls:
+        tls.settimeout(10)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += tls.recv(65536)
+        yield tls, head
+
+
 @pytest.mark.parametrize("after, reusable", [
     (b"", True),
     (b"\r\n", False),
@@ -81,12 +95,7 @@ def test_a_tls_connection_is_reused_only_when_nothing_follows_its_answer(
     done, release = threading.Event(), threading.Event()
 
     def provider():
-        raw, _ = listener.accept()
-        with server_ctx.wrap_socket(raw, server_side=True) as tls:
-            tls.settimeout(10)
-            head = b""
-            while b"\r\n\r\n" not in head:
-                head += tls.recv(65536)
+        with accept_request(server_ctx, listener) as (tls, head):
             tls.sendall(ANSWER + (after or b""))
             if after is not None:
                 done.set()
@@ -130,12 +139,7 @@ def test_an_early_answer_over_tls_reaches_the_client(gateway, certificate):
     heads = []
 
     def provider():
-        raw, _ = listener.accept()
-        with server_ctx.wrap_socket(raw, server_side=True) as tls:
-            tls.settimeout(10)
-            head = b""
-            while b"\r\n\r\n" not in head:
-                head += tls.recv(65536)
+        with accept_request(server_ctx, listener) as (tls, head):
             heads.append(head.split(b"\r\n", 1)[0])
             tls.sendall(answer)
             time.sleep(0.05)
