@@ -601,6 +601,18 @@ def test_a_bad_status_line_gives_502_upstream_error_and_one_row(
         assert provider.wait_peer_closed(received[1].conn)
 
 
+def assert_a_502_not_sent_again(gw, provider, key, primed, status, content):
+    """The request after prime_connection reached the provider once, on
+    the primed connection, and the client got a 502 with its own row."""
+    received = provider.received()
+    assert len(received) == 2, "sent again: %r" % [r.conn for r in received]
+    assert received[1].conn == primed.conn
+    assert status == 502, (status, content)
+    openai_upstream_error(content)
+    rows = key_rows(gw, key, count=2)
+    assert len(rows) == 2 and rows[1]["status"] == 502, rows
+
+
 def test_an_interim_answer_then_a_close_is_not_sent_again(gw, provider, key):
     # "100 Continue" says the provider has the request: when it then drops
     # the connection, sending the request again could bill it twice
@@ -609,13 +621,7 @@ def test_an_interim_answer_then_a_close_is_not_sent_again(gw, provider, key):
 
     status, _, content = gw.request("POST", CHAT, chat_body(), key=key)
 
-    received = provider.received()
-    assert len(received) == 2, "sent again: %r" % [r.conn for r in received]
-    assert received[1].conn == primed.conn
-    assert status == 502, (status, content)
-    openai_upstream_error(content)
-    rows = key_rows(gw, key, count=2)
-    assert len(rows) == 2 and rows[1]["status"] == 502, rows
+    assert_a_502_not_sent_again(gw, provider, key, primed, status, content)
 
 
 def test_a_bad_status_line_on_the_anthropic_route_gives_an_anthropic_502(
@@ -1079,13 +1085,7 @@ def test_a_reset_after_part_of_an_answer_is_not_sent_again(
 
     status, _, content = gw.request("POST", CHAT, chat_body(), key=key)
 
-    received = provider.received()
-    assert len(received) == 2, "sent again: %r" % [r.conn for r in received]
-    assert received[1].conn == primed.conn
-    assert status == 502, (status, content)
-    openai_upstream_error(content)
-    rows = key_rows(gw, key, count=2)
-    assert len(rows) == 2 and rows[1]["status"] == 502, rows
+    assert_a_502_not_sent_again(gw, provider, key, primed, status, content)
 
 
 @pytest.mark.parametrize("reset", [False, True], ids=["close", "reset"])
@@ -1099,13 +1099,7 @@ def test_a_post_read_and_dropped_without_an_answer_is_not_sent_again(
 
     status, _, content = gw.request("POST", CHAT, chat_body(), key=key)
 
-    received = provider.received()
-    assert len(received) == 2, "sent again: %r" % [r.conn for r in received]
-    assert received[1].conn == primed.conn
-    assert status == 502, (status, content)
-    openai_upstream_error(content)
-    rows = key_rows(gw, key, count=2)
-    assert len(rows) == 2 and rows[1]["status"] == 502, rows
+    assert_a_502_not_sent_again(gw, provider, key, primed, status, content)
 
 
 def test_a_get_read_and_dropped_without_an_answer_is_sent_again(
